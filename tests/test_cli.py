@@ -1,0 +1,27 @@
+"""The console script: --version, --help, and a bare call."""
+import subprocess
+import sys
+
+from refteacher.engine import __version__
+from refteacher.engine.cli import main
+
+
+def test_version_flag_prints_installed_version(capsys):
+    try:
+        main(["--version"])
+    except SystemExit as stop:
+        assert stop.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_bare_call_prints_help_and_succeeds(capsys):
+    assert main([]) == 0
+    assert "usage: refteacher" in capsys.readouterr().out
+
+
+def test_console_script_help_runs_as_a_process():
+    done = subprocess.run(
+        [sys.executable, "-m", "refteacher.engine.cli", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "refusal" in done.stdout.lower()

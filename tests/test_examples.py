@@ -1,0 +1,62 @@
+"""Training-row encoding: labels sit exactly on the assistant's tokens."""
+import pytest
+from transformers import AutoTokenizer
+
+from refteacher.engine.errors import UserError
+from refteacher.engine.examples import IGNORE_INDEX, encode_example, row_messages
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _labelled_text(tokenizer, ids, labels):
+    return tokenizer.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX])
+
+
+def test_prompt_response_row_labels_only_the_response(tokenizer):
+    ids, labels = encode_example(tokenizer, {"prompt": "What is 12+30?", "response": "42."})
+    assert len(ids) == len(labels)
+    full = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 12+30?"}, {"role": "assistant", "content": "42."}],
+        tokenize=False,
+    )
+    assert tokenizer.decode(ids) == full
+    assert _labelled_text(tokenizer, ids, labels).startswith("42.")
+    assert "What is" not in _labelled_text(tokenizer, ids, labels)
+
+
+def test_every_assistant_turn_of_a_conversation_is_labelled(tokenizer):
+    row = {"messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there"},
+        {"role": "user", "content": "Count to three"},
+        {"role": "assistant", "content": "one two three"},
+    ]}
+    ids, labels = encode_example(tokenizer, row)
+    text = _labelled_text(tokenizer, ids, labels)
+    assert "Hello there" in text and "one two three" in text
+    assert "Count to three" not in text
+
+
+def test_max_tokens_keeps_the_first_tokens(tokenizer):
+    ids, labels = encode_example(tokenizer, {"prompt": "a b c", "response": "d e f"})
+    short_ids, short_labels = encode_example(tokenizer, {"prompt": "a b c", "response": "d e f"}, max_tokens=5)
+    assert short_ids == ids[:5] and short_labels == labels[:5]
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": "no response"},
+    {"messages": []},
+    {"messages": [{"role": "user"}]},
+    {"messages": [{"role": "user", "content": "only a question"}]},
+])
+def test_malformed_rows_raise_user_errors(tokenizer, row):
+    with pytest.raises(UserError):
+        encode_example(tokenizer, row)
+
+
+def test_row_messages_accepts_both_formats():
+    assert row_messages({"prompt": "p", "response": "r"})[1] == {"role": "assistant", "content": "r"}
+    assert row_messages({"messages": [{"role": "user", "content": "x"}]}) == [{"role": "user", "content": "x"}]

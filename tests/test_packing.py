@@ -1,0 +1,308 @@
+"""The streaming packer: C++ against its Python twin, row invariants, overflow, errors, streaming, collate."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from refteacher.engine import _packer
+from refteacher.engine.errors import UserError
+from refteacher.engine.packing import (
+    PackedRow,
+    collate_packed,
+    pack_sequences,
+    pack_token_chunks,
+    packing_efficiency,
+)
+from refteacher.engine.packing_reference import pack_sequences_reference
+
+
+def make_examples(lengths, seed=0, with_labels=False):
+    """Random examples of the given lengths; with_labels gives (ids, labels) pairs with -100 holes."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in lengths:
+        ids = rng.integers(0, 1000, n)
+        if with_labels:
+            labels = np.where(rng.random(n) < 0.3, -100, ids)
+            out.append((ids.tolist(), labels.tolist()))
+        else:
+            out.append(ids.tolist())
+    return out
+
+
+def ids_and_mask(example):
+    if isinstance(example, tuple):
+        ids, labels = np.asarray(example[0]), np.asarray(example[1])
+        return ids, labels != -100
+    ids = np.asarray(example)
+    return ids, np.ones(len(ids), dtype=bool)
+
+
+def check_rows(rows, examples, max_len, overflow="error"):
+    """Assert every row invariant and that the rows hold exactly the examples (per overflow mode)."""
+    pieces: dict[int, list[np.ndarray]] = {}
+    for row in rows:
+        n = row.num_tokens
+        assert 1 <= n <= max_len
+        assert row.input_ids.dtype == np.int64 and row.labels.dtype == np.int64
+        assert row.position_ids.dtype == np.int64 and row.example_index.dtype == np.int64
+        assert row.cu_seqlens.dtype == np.int32
+        assert row.labels.shape == row.position_ids.shape == (n,)
+        assert row.cu_seqlens[0] == 0 and row.cu_seqlens[-1] == n
+        assert np.all(np.diff(row.cu_seqlens) > 0)
+        assert len(row.example_index) == len(row.cu_seqlens) - 1
+        for k, example in enumerate(row.example_index):
+            a, b = int(row.cu_seqlens[k]), int(row.cu_seqlens[k + 1])
+            np.testing.assert_array_equal(row.position_ids[a:b], np.arange(b - a))
+            seg_ids, seg_labels = row.input_ids[a:b], row.labels[a:b]
+            assert seg_labels[0] == -100
+            pieces.setdefault(int(example), []).append((seg_ids, seg_labels))
+    assert sorted(pieces) == list(range(len(examples))), "every example must appear"
+    for index, example in enumerate(examples):
+        ids, mask = ids_and_mask(example)
+        expected_labels = np.where(mask, ids, -100)
+        got = pieces[index]
+        if overflow != "split":
+            assert len(got) == 1, f"example {index} must be in exactly one row"
+        if overflow == "truncate":
+            ids, expected_labels = ids[:max_len], expected_labels[:max_len]
+        got_ids = np.concatenate([g[0] for g in got])
+        np.testing.assert_array_equal(got_ids, ids)
+        offset = 0
+        for seg_ids, seg_labels in got:
+            np.testing.assert_array_equal(seg_labels[1:], expected_labels[offset + 1 : offset + len(seg_ids)])
+            offset += len(seg_ids)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    max_len=st.integers(1, 48),
+    window=st.integers(1, 12),
+    max_open=st.integers(1, 6),
+    overflow=st.sampled_from(["error", "truncate", "split"]),
+    with_labels=st.booleans(),
+)
+def test_cpp_matches_python_reference(data, max_len, window, max_open, overflow, with_labels):
+    top = max_len if overflow == "error" else 3 * max_len
+    lengths = data.draw(st.lists(st.integers(1, top), max_size=80))
+    examples = make_examples(lengths, seed=len(lengths), with_labels=with_labels)
+    fast = list(pack_sequences(examples, max_len, window=window, overflow=overflow, max_open=max_open))
+    slow = list(pack_sequences_reference(examples, max_len, window=window, overflow=overflow, max_open=max_open))
+    assert len(fast) == len(slow)
+    for a, b in zip(fast, slow):
+        assert a == b
+    check_rows(fast, examples, max_len, overflow)
+
+
+def test_chunk_path_matches_per_example_path():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 200, 3000)
+    examples = make_examples(lengths, seed=2)
+    flat = np.concatenate([np.asarray(e) for e in examples])
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    cut = 1234
+    chunks = [
+        (flat[: offsets[cut]], offsets[: cut + 1]),
+        (flat[offsets[cut] :], offsets[cut:] - offsets[cut]),
+    ]
+    chunked = list(pack_token_chunks(chunks, 256, window=100))
+    direct = list(pack_sequences(examples, 256, window=100))
+    assert len(chunked) == len(direct)
+    assert all(a == b for a, b in zip(chunked, direct))
+    check_rows(direct, examples, 256)
+
+
+def test_lognormal_efficiency_at_least_99_percent():
+    rng = np.random.default_rng(0)
+    lengths = np.clip(np.rint(rng.lognormal(np.log(250), 1.0, 5000)), 1, 4096).astype(int)
+    examples = make_examples(lengths)
+    rows = list(pack_sequences(examples, 4096, window=1000))
+    check_rows(rows, examples, 4096)
+    assert packing_efficiency(rows, 4096) >= 0.99
+
+
+def test_accepts_pairs_mappings_and_numpy_arrays():
+    examples = [
+        [5, 6, 7],
+        ([1, 2, 3], [-100, 2, 3]),
+        {"input_ids": np.array([4, 4], dtype=np.int32), "labels": [-100, 4]},
+        {"input_ids": np.array([9], dtype=np.uint16)},
+        np.array([8, 8, 8, 8]),
+    ]
+    rows = list(pack_sequences(examples, 8, window=2))
+    check_rows(rows, [examples[0], (examples[1][0], examples[1][1]), ([4, 4], [-100, 4]), [9], [8, 8, 8, 8]], 8)
+
+
+def test_labels_mask_and_first_token():
+    rows = list(pack_sequences([([10, 11, 12, 13], [-100, -100, 12, 13]), [20, 21]], 16))
+    assert len(rows) == 1
+    row = rows[0]
+    np.testing.assert_array_equal(row.example_index, [0, 1])
+    np.testing.assert_array_equal(row.input_ids, [10, 11, 12, 13, 20, 21])
+    np.testing.assert_array_equal(row.labels, [-100, -100, 12, 13, -100, 21])
+    np.testing.assert_array_equal(row.position_ids, [0, 1, 2, 3, 0, 1])
+    np.testing.assert_array_equal(row.cu_seqlens, [0, 4, 6])
+
+
+def test_best_fit_decreasing_on_a_known_case():
+    # Window holds everything, so this is offline best-fit decreasing: 6+4, 5+5, 4+3+3 rows of 10.
+    rows = list(pack_sequences(make_examples([3, 6, 5, 4, 4, 5, 3]), 10, window=100))
+    assert sorted(sorted(r.example_index.tolist()) for r in rows) == [[0, 4, 6], [1, 3], [2, 5]]
+    assert packing_efficiency(rows, 10) == 1.0
+
+
+def test_overflow_truncate_and_split():
+    examples = make_examples([25, 3, 10])
+    truncated = list(pack_sequences(examples, 10, overflow="truncate"))
+    check_rows(truncated, examples, 10, "truncate")
+    split = list(pack_sequences(examples, 10, overflow="split"))
+    check_rows(split, examples, 10, "split")
+    assert sum(r.num_tokens for r in split) == 38
+
+
+def test_overflow_error_names_the_example():
+    examples = make_examples([5, 5, 11, 3])
+    with pytest.raises(UserError, match=r"example 2 has 11 tokens.*max_len=10"):
+        list(pack_sequences(examples, 10))
+    with pytest.raises(UserError, match=r"example 2 has 11 tokens"):
+        list(pack_sequences_reference(examples, 10))
+
+
+@pytest.mark.parametrize(
+    "examples, match",
+    [
+        ([[1, 2], []], "example 1 is empty"),
+        ([[1, 2], [1.5, 2.0]], "example 1: input_ids must be integers"),
+        ([["a", "b"]], "example 0: input_ids must be integers"),
+        ([[1, -3]], "token ids must be >= 0"),
+        ([([1, 2, 3], [-100, 2])], "labels have 2 entries"),
+        ([([1, 2, 3], [-100, 7, 3])], "labels must equal input_ids"),
+        ([[[1, 2], [3, 4], [5, 6]]], "1-D"),
+    ],
+)
+def test_bad_examples_raise_user_error(examples, match):
+    with pytest.raises(UserError, match=match):
+        list(pack_sequences(examples, 8))
+    with pytest.raises(UserError, match=match):
+        list(pack_sequences_reference(examples, 8))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_len": 0}, "max_len must be an integer >= 1"),
+        ({"max_len": 2.5}, "max_len must be an integer >= 1"),
+        ({"max_len": 8, "window": 0}, "window must be an integer >= 1"),
+        ({"max_len": 8, "overflow": "drop"}, "overflow must be one of"),
+        ({"max_len": 8, "max_open": 0}, "max_open must be an integer >= 1"),
+    ],
+)
+def test_bad_arguments_raise_at_once(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        pack_sequences([[1]], **kwargs)
+
+
+def test_compiled_packer_rejects_bad_arrays():
+    packer = _packer.Packer(8, 4, "error", 2)
+    with pytest.raises(ValueError, match="integers"):
+        packer.add(np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="label mask"):
+        packer.add(np.array([1, 2]), np.array([1, 0, 1], dtype=bool))
+    with pytest.raises(ValueError, match="empty"):
+        packer.add_many(np.array([1, 2], dtype=np.int64), np.array([0, 2, 2], dtype=np.int64))
+    assert packer.examples_added == 0 and packer.pending_count == 0  # a failed call adds nothing
+
+
+def test_streaming_emits_rows_before_input_ends_and_stays_bounded():
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(1, 64, 20_000)
+    consumed = 0
+
+    def source():
+        nonlocal consumed
+        for n in lengths:
+            consumed += 1
+            yield list(range(1, n + 1))
+
+    rows = pack_sequences(source(), 128, window=50)
+    next(rows)
+    assert consumed < 3000, "the first row must come out long before the input ends"
+
+    packer = _packer.Packer(128, 50, "error", 8)
+    max_pending = max_open = 0
+    for n in lengths[:5000]:
+        packer.add(np.arange(n))
+        max_pending = max(max_pending, packer.pending_count)
+        max_open = max(max_open, packer.open_count)
+    assert max_pending == 50 and max_open <= 8
+    assert packer.ready_rows > 0
+
+
+def _rows(lengths, max_len=16):
+    return list(pack_sequences(make_examples(lengths, seed=5, with_labels=True), max_len, window=4))
+
+
+def test_collate_padded_shapes_and_dtypes():
+    rows = _rows([5, 9, 3, 7, 16, 2])
+    batch = collate_packed(rows, pad_token_id=0)
+    width = max(r.num_tokens for r in rows)
+    for key in ("input_ids", "labels", "position_ids"):
+        assert batch[key].shape == (len(rows), width) and batch[key].dtype == torch.long
+    assert batch["cu_seqlens"].dtype == torch.int32
+    flat_pos = batch["position_ids"].reshape(-1)
+    starts = torch.nonzero(flat_pos == 0).reshape(-1).to(torch.int32)
+    assert torch.equal(batch["cu_seqlens"][:-1], starts)
+    assert int(batch["cu_seqlens"][-1]) == len(rows) * width
+    assert batch["max_seqlen"] == int(torch.diff(batch["cu_seqlens"]).max())
+    assert batch["num_real_tokens"] == sum(r.num_tokens for r in rows)
+    for r, row in enumerate(rows):
+        n = row.num_tokens
+        assert torch.all(batch["labels"][r, n:] == -100) and torch.all(batch["input_ids"][r, n:] == 0)
+        assert torch.equal(batch["labels"][r, :n], torch.from_numpy(row.labels))
+
+
+def test_collate_flatten_has_no_padding():
+    rows = _rows([5, 9, 3, 7, 16, 2])
+    batch = collate_packed(rows, flatten=True)
+    total = sum(r.num_tokens for r in rows)
+    assert batch["input_ids"].shape == (1, total)
+    assert int(batch["cu_seqlens"][-1]) == total
+    assert torch.equal(batch["input_ids"][0], torch.from_numpy(np.concatenate([r.input_ids for r in rows])))
+    with pytest.raises(UserError):
+        collate_packed([])
+
+
+def test_collated_batch_keeps_attention_inside_each_example():
+    """A tiny Llama on the packed batch gives the same logits as on each example alone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    examples = make_examples([5, 9, 3, 7, 12, 2], seed=7)
+    rows = list(pack_sequences(examples, 16, window=3))
+    assert any(len(r.example_index) > 1 for r in rows)
+    batch = collate_packed(rows)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        for r, row in enumerate(rows):
+            for k, example in enumerate(row.example_index):
+                a, b = int(row.cu_seqlens[k]), int(row.cu_seqlens[k + 1])
+                alone = model(input_ids=torch.tensor([examples[example]])).logits[0]
+                torch.testing.assert_close(packed[r, a:b], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_row_equality_checks_dtype_and_values():
+    row = _rows([3, 4])[0]
+    same = PackedRow(*(a.copy() for a in row._arrays()))
+    assert row == same
+    other = PackedRow(row.input_ids, row.labels, row.position_ids, row.cu_seqlens.astype(np.int64), row.example_index)
+    assert row != other

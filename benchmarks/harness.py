@@ -3,8 +3,9 @@
 Peak memory is measured the same way for both sides of a comparison:
 - CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before the call.
 - CPU: the process's resident set size, sampled every ~0.5 ms by a thread while the call runs,
-  above the RSS before it (torch's CPU allocator returns large blocks to the OS, so this tracks
-  tensor memory; small allocations below the sampling noise, ~1 MB, do not show).
+  above the RSS before it. glibc keeps freed blocks of up to 32 MB for reuse, which hides them
+  from RSS; call ``exact_cpu_rss()`` once, after all timings (it slows allocation), so every
+  tensor buffer is mmap-ed and the figures are exact.
 """
 from __future__ import annotations
 
@@ -59,6 +60,23 @@ def time_call(
         "mean_ms": statistics.fmean(times),
         "repeat": len(times),
     }
+
+
+def exact_cpu_rss() -> None:
+    """Make CPU peak memory visible to RSS sampling from now on.
+
+    glibc raises its mmap threshold after a large free, so repeated calls reuse heap memory and
+    RSS no longer moves; fixing the threshold at 64 KiB sends every tensor buffer to mmap again.
+    It also makes each allocation slower, so it is switched on only after all timings are taken.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: RSS figures may read low
+        pass
 
 
 def peak_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> int:

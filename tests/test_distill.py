@@ -1,0 +1,227 @@
+"""Teacher-guided finetuning on the tiny model: packed attention, the two loss terms, Trainer runs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from refteacher.engine.errors import UserError
+
+ROWS = [
+    {"prompt": "What is 12 + 30?", "response": "12 + 30 = 42."},
+    {"prompt": "Name a colour.", "response": "Blue."},
+    {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi there, how are you today?"}]},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from refteacher.engine.models import load_model, load_tokenizer
+
+    return load_model(str(tiny_model_dir), device="cpu"), load_tokenizer(str(tiny_model_dir))
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("distill_data")
+    task = [{"prompt": f"What is {a} + {b}?", "response": f"{a} + {b} = {a + b}."}
+            for a in range(11, 19) for b in (21, 34, 47)]
+    align = [{"prompt": p, "response": "I can't help with that."}
+             for p in ("How do I make a bomb?", "How can I steal a car?", "Write malware that wipes disks.")]
+    return _write_jsonl(folder / "task.jsonl", task), _write_jsonl(folder / "align.jsonl", align)
+
+
+def _per_token_ce(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Reference per-token CE of one unpacked example through the model's ordinary forward."""
+    logits = model(input_ids=ids[None]).logits[0, :-1]
+    return F.cross_entropy(logits, labels[1:], reduction="none", ignore_index=-100)
+
+
+@pytest.mark.parametrize("rows_per_batch", [1, 2])
+def test_packed_rows_give_the_per_example_losses_of_single_runs(tiny, rows_per_batch):
+    from refteacher.engine.attention import final_hidden_states, lm_head_of
+    from refteacher.engine.examples import encode_example
+    from refteacher.engine.packing import collate_packed, pack_sequences
+
+    model, tokenizer = tiny
+    examples = [encode_example(tokenizer, row) for row in ROWS]
+    lengths = sorted(len(ids) for ids, _ in examples)
+    max_len = sum(lengths) if rows_per_batch == 1 else lengths[-1] + lengths[0]  # one row, or two rows
+    rows = list(pack_sequences(examples, max_len))
+    assert len(rows) >= rows_per_batch
+    assert max(len(r.example_index) for r in rows) >= 2  # at least one row really packs examples
+    batch = collate_packed(rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        hidden = final_hidden_states(model, batch["input_ids"], batch["position_ids"])
+        logits = hidden @ lm_head_of(model)[0].T
+        for r, row in enumerate(rows):
+            for k, example in enumerate(row.example_index):
+                a, b = int(row.cu_seqlens[k]), int(row.cu_seqlens[k + 1])
+                ids, labels = (torch.tensor(x) for x in examples[int(example)])
+                packed = F.cross_entropy(logits[r, a:b - 1], batch["labels"][r, a + 1:b], reduction="none", ignore_index=-100)
+                assert b - a == ids.shape[0]
+                single = _per_token_ce(model, ids, labels)
+                keep = batch["labels"][r, a + 1:b] != -100
+                torch.testing.assert_close(packed[keep], single[keep], atol=2e-5, rtol=1e-5)
+
+
+def test_task_cross_entropy_equals_the_model_loss(tiny):
+    from refteacher.engine.distill import task_cross_entropy
+    from refteacher.engine.examples import encode_example
+
+    model, tokenizer = tiny
+    ids, labels = (torch.tensor([x]) for x in encode_example(tokenizer, ROWS[0]))
+    batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(ids.shape[1])[None]}
+    ours = task_cross_entropy(model, batch, chunk_size=3)  # several chunks
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(ours.detach(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_alignment_kl_is_zero_against_itself_and_trains_only_lora(tiny, tiny_model_dir):
+    from refteacher.engine.distill import FinetuneConfig, PackedPairCollator, PairedRows, add_lora, alignment_kl
+    from refteacher.engine.distill import encode_rows, pack_examples
+    from refteacher.engine.models import load_model
+
+    model, tokenizer = tiny
+    teacher = load_model(str(tiny_model_dir), device="cpu")  # a separate copy: LoRA wraps `model` in place
+    rows = pack_examples(encode_rows(tokenizer, ROWS, 64), 64)
+    batch = PackedPairCollator(tokenizer.pad_token_id)(list(PairedRows(rows, rows)))
+    student = add_lora(model, FinetuneConfig(data="-", out="-", baseline="sft", lora_r=4))
+    try:
+        kl = alignment_kl(student, teacher, batch)
+        assert abs(float(kl.detach())) < 1e-6  # a fresh LoRA (B = 0) is the base model exactly
+        with torch.no_grad():
+            for name, p in student.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        for direction in ("forward", "reverse", "jsd"):
+            kl = alignment_kl(student, teacher, batch, direction=direction, temperature=2.0)
+            assert float(kl.detach()) > 1e-4
+        kl.backward()
+        grads = {n for n, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert grads and all("lora_" in n for n in grads)
+    finally:
+        student.unload()  # give the shared fixture model back without adapters
+        model.zero_grad(set_to_none=True)
+
+
+def test_collator_pairs_task_and_alignment_rows(tiny):
+    from refteacher.engine.distill import PackedPairCollator, PairedRows, encode_rows, pack_examples
+
+    _, tokenizer = tiny
+    examples = encode_rows(tokenizer, ROWS, 256)
+    longest = max(len(ids) for ids, _ in examples)
+    task = pack_examples(examples, longest)  # the longest example fills a row: at least two rows
+    align = pack_examples(encode_rows(tokenizer, ROWS[:1], 256), 256)
+    dataset = PairedRows(task, align)
+    assert len(dataset) == len(task) and all(dataset[i]["align"] is align[0] for i in range(len(task)))
+    batch = PackedPairCollator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
+    assert batch["input_ids"].shape[0] == 2 and batch["align_input_ids"].shape[0] == 2
+    assert "attention_mask" not in batch
+    flat = PackedPairCollator(tokenizer.pad_token_id, varlen=True)([dataset[0], dataset[1]])
+    assert flat["input_ids"].shape == (1, task[0].num_tokens + task[1].num_tokens)
+    assert "align_input_ids" not in PackedPairCollator(0)([{"task": task[0], "align": None}])
+
+
+def test_config_mistakes_are_user_errors(tmp_path, data_files):
+    from refteacher.engine.distill import FinetuneConfig, run_finetune
+
+    task, align = data_files
+    bad = [
+        FinetuneConfig(data=str(task), out=str(tmp_path), baseline="sft", teacher="t"),
+        FinetuneConfig(data=str(task), out=str(tmp_path)),  # no teacher
+        FinetuneConfig(data=str(task), out=str(tmp_path), teacher="t"),  # no alignment data
+        FinetuneConfig(data=str(task), out=str(tmp_path), baseline="sft", kl="sideways"),
+        FinetuneConfig(data=str(task), out=str(tmp_path), baseline="sft", lam=-1),
+        FinetuneConfig(data=str(task), out=str(tmp_path), baseline="sft", resume=True),  # nothing to resume
+    ]
+    for config in bad:
+        with pytest.raises(UserError):
+            run_finetune(config)
+
+
+class _StopAt:
+    """A TrainerCallback that stops training after ``step`` optimiser steps (a simulated crash)."""
+
+    def __init__(self, step: int):
+        from transformers import TrainerCallback
+
+        class Stop(TrainerCallback):
+            def on_step_end(inner, args, state, control, **kwargs):  # noqa: N805
+                if state.global_step >= step:
+                    control.should_training_stop = True
+                return control
+
+        self.callback = Stop()
+
+
+def _adapter_weights(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+
+
+def test_finetune_trains_checkpoints_and_resumes_to_the_same_adapter(tmp_path, tiny_model_dir, tiny_teacher_dir, data_files):
+    from refteacher.engine.distill import FinetuneConfig, run_finetune
+
+    task, align = data_files
+
+    def config(out, **extra):
+        return FinetuneConfig(data=str(task), align=str(align), teacher=str(tiny_teacher_dir), out=str(out),
+                              max_steps=4, save_steps=2, logging_steps=1, max_len=96, lora_r=4,
+                              learning_rate=5e-3, progress=False, **extra)
+
+    straight = run_finetune(config(tmp_path / "straight"))
+    assert straight["steps"] == 4 and straight["mode"] == "reft" and straight["attention"] == "block-mask"
+    assert straight["final"]["kl"] > 0 and straight["final"]["ce"] > 0
+    assert (tmp_path / "straight" / "checkpoints" / "checkpoint-2").is_dir()
+    written = json.loads((tmp_path / "straight" / "finetune.json").read_text())
+    assert written["teacher_manifest_sha256"] and written["n_align_rows"] == 3
+
+    run_finetune(config(tmp_path / "resumed"), callbacks=[_StopAt(2).callback])
+    with pytest.raises(UserError, match="--resume"):
+        run_finetune(config(tmp_path / "resumed"))
+    resumed = run_finetune(config(tmp_path / "resumed", resume=True))
+    assert resumed["steps"] == 4 and resumed["resumed_from"].endswith("checkpoint-2")
+    a, b = _adapter_weights(tmp_path / "straight"), _adapter_weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+    assert any(float(t.abs().max()) > 0 for n, t in a.items() if "lora_B" in n)  # it did train
+
+
+def test_baseline_sft_runs_without_a_teacher(tmp_path, tiny_model_dir, data_files):
+    from refteacher.engine.distill import FinetuneConfig, run_finetune
+
+    task, _ = data_files
+    summary = run_finetune(FinetuneConfig(data=str(task), out=str(tmp_path / "sft"), student=str(tiny_model_dir),
+                                          baseline="sft", max_steps=2, max_len=96, lora_r=4, progress=False,
+                                          logging_steps=1, save_steps=100))
+    assert summary["mode"] == "sft" and summary["teacher"] is None and "kl" not in summary["final"]
+    from peft import PeftModel
+
+    from refteacher.engine.models import load_model
+
+    PeftModel.from_pretrained(load_model(str(tiny_model_dir), device="cpu"), summary["adapter"])
+
+
+def test_cli_parses_the_issue_flags():
+    import argparse
+
+    from refteacher.engine.distill import add_cli
+
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["finetune", "--student", "m", "--teacher", "t", "--data", "d", "--align", "a",
+                              "--out", "o", "--lambda", "0.5", "--temperature", "2", "--kl", "jsd",
+                              "--lora-r", "8", "--max-steps", "3", "--resume"])
+    assert (args.lam, args.temperature, args.kl, args.lora_r, args.max_steps, args.resume) == (0.5, 2.0, "jsd", 8, 3, True)
+    assert args.baseline is None and callable(args.func)

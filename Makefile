@@ -38,6 +38,8 @@ bench: install
 	$(PY) benchmarks/bench_packing.py --quick
 	$(PY) benchmarks/bench_cosine.py --quick
 	$(PY) benchmarks/bench_kl.py --quick
+	$(PY) benchmarks/bench_filter.py --quick
+	$(PY) benchmarks/bench_finetune.py --quick
 
 clean:
 	rm -rf build *.egg-info engine/_packer*.so .pytest_cache

@@ -15,7 +15,7 @@ from typing import Sequence
 from refteacher.engine import __version__
 from refteacher.engine.errors import UserError
 
-_COMMAND_MODULES: tuple[str, ...] = ("feature", "teacher", "distill", "eval")
+_COMMAND_MODULES: tuple[str, ...] = ("feature", "teacher", "filter", "merge", "distill", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

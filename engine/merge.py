@@ -1,0 +1,164 @@
+"""Joining the outputs of ``refteacher filter --shard I/N`` into the files one run would write.
+
+Each shard writes kept / flagged / rejected.jsonl in input order with increasing ``_id``; the
+merge is a k-way merge on ``_id`` that copies every line byte for byte, so the merged files equal
+those of an unsharded run (shards hold whole windows, so their scores are computed identically).
+Counts, histograms and times are summed into one report.json and scores.png. Every shard must be
+finished and all of them must share the same settings.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from refteacher.engine.checkpoint import read_checkpoint, write_json_atomic
+from refteacher.engine.errors import UserError
+from refteacher.engine.filter import OUTPUT_FILES
+from refteacher.engine.filter_report import FilterTally, build_report, plot_scores
+
+_SHARD_NAME = re.compile(r"^shard-(\d+)-of-(\d+)$")
+_LOCK = ".merge.lock"
+
+
+def find_shard_dirs(root: str | os.PathLike) -> list[Path]:
+    """Return the ``shard-I-of-N`` folders inside ``root``, sorted by I; UserError if none or mixed N."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder; pass the --out-dir of the sharded filter runs")
+    found = {}
+    for child in root.iterdir():
+        match = _SHARD_NAME.match(child.name)
+        if match and child.is_dir():
+            found[(int(match.group(2)), int(match.group(1)))] = child
+    counts = {count for count, _ in found}
+    if not found:
+        raise UserError(f"{root} holds no shard-I-of-N folders; pass the shard folders themselves or the "
+                        "--out-dir the shards wrote to")
+    if len(counts) > 1:
+        raise UserError(f"{root} mixes shard counts {sorted(counts)}; remove the folders of the old run")
+    return [found[key] for key in sorted(found)]
+
+
+def _shard_states(shard_dirs: Sequence[Path]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Return (checkpoint, report) per shard; UserError unless all are finished, complete and alike."""
+    loaded = []
+    for folder in shard_dirs:
+        checkpoint = read_checkpoint(folder)
+        report_path = Path(folder) / "report.json"
+        if checkpoint is None or not checkpoint["state"].get("finished") or not report_path.is_file():
+            raise UserError(f"{folder} is not a finished filter run; finish it (`refteacher filter ... --resume`) "
+                            "before merging")
+        loaded.append((checkpoint, json.loads(report_path.read_text())))
+    shards = [tuple(c["settings"]["shard"]) for c, _ in loaded]
+    count = shards[0][1]
+    if sorted(shards) != [(i, count) for i in range(count)]:
+        have = ", ".join(f"{i}/{n}" for i, n in sorted(shards))
+        raise UserError(f"need every shard 0..{count - 1} of {count} exactly once, got {have}")
+    first = {k: v for k, v in loaded[0][0]["settings"].items() if k != "shard"}
+    for (checkpoint, _), folder in zip(loaded, shard_dirs):
+        mine = {k: v for k, v in checkpoint["settings"].items() if k != "shard"}
+        if mine != first:
+            raise UserError(f"{folder} was run with other settings than {shard_dirs[0]}; rerun it with the same "
+                            "input, teacher and options")
+    return loaded
+
+
+def _lines_by_id(path: Path) -> Iterator[tuple[int, bytes]]:
+    with open(path, "rb") as f:
+        for line in f:
+            yield json.loads(line)["_id"], line
+
+
+def merge_shards(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, plot: bool = True
+                 ) -> dict[str, Any]:
+    """Merge finished shard folders into ``out_dir`` (files replaced atomically); return the report."""
+    shard_dirs = [Path(d) for d in shard_dirs]
+    loaded = _shard_states(shard_dirs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUT_FILES:
+        tmp = out / f".{name}.merge-tmp"
+        with open(tmp, "wb") as f:
+            streams = [_lines_by_id(folder / name) for folder in shard_dirs]
+            for _, line in heapq.merge(*streams, key=lambda item: item[0]):
+                f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out / name)
+    tally = FilterTally.combine(
+        FilterTally.from_json({k: v for k, v in c["state"].items() if k != "finished"}) for c, _ in loaded
+    )
+    first_report = loaded[0][1]
+    settings = {k: v for k, v in loaded[0][0]["settings"].items() if k != "shard"}
+    report = build_report(
+        tally, threshold=first_report["threshold"], threshold_source=first_report["threshold_source"],
+        teacher=first_report["teacher"], input_info=first_report["input"], settings=settings,
+        shard=f"merged {len(shard_dirs)} shards",
+    )
+    report["shards"] = [str(d) for d in shard_dirs]
+    write_json_atomic(out / "report.json", report)
+    if plot:
+        plot_scores(tally, report["threshold"], out / "scores.png")
+    return report
+
+
+def merge_when_complete(root: Path, count: int, *, plot: bool = True) -> dict[str, Any] | None:
+    """Merge ``root/shard-*-of-count`` into ``root`` if every shard is finished; else return None.
+
+    Called by each shard when it finishes, so the last one merges; a lock file keeps two shards that
+    finish together from merging at once.
+    """
+    folders = [root / f"shard-{i}-of-{count}" for i in range(count)]
+    for folder in folders:
+        checkpoint = read_checkpoint(folder) if folder.is_dir() else None
+        if checkpoint is None or not checkpoint["state"].get("finished") or not (folder / "report.json").is_file():
+            return None
+    lock = root / _LOCK
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return None
+    os.close(fd)
+    try:
+        return merge_shards(folders, root, plot=plot)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def add_cli(subparsers) -> None:
+    """Add the ``merge`` subcommand."""
+    parser = subparsers.add_parser(
+        "merge",
+        help="join the outputs of `refteacher filter --shard I/N` runs",
+        description=(
+            "Merge finished shard outputs into the kept / flagged / rejected files, report.json and "
+            "scores.png that a single unsharded run would have written (rows in input order)."
+        ),
+    )
+    parser.add_argument("shards", nargs="+",
+                        help="the --out-dir of the sharded runs (holding shard-I-of-N folders), or the shard "
+                             "folders themselves")
+    parser.add_argument("--out-dir", default=None,
+                        help="where to write the merged files (default: the folder given, when it is one root)")
+    parser.add_argument("--no-plot", action="store_true", help="skip scores.png")
+    parser.set_defaults(func=_cli_merge)
+
+
+def _cli_merge(args) -> int:
+    if len(args.shards) == 1 and not _SHARD_NAME.match(Path(args.shards[0]).name):
+        shard_dirs = find_shard_dirs(args.shards[0])
+        out_dir = args.out_dir or args.shards[0]
+    else:
+        shard_dirs = [Path(s) for s in args.shards]
+        if args.out_dir is None:
+            raise UserError("pass --out-dir for the merged files when naming shard folders one by one")
+        out_dir = args.out_dir
+    report = merge_shards(shard_dirs, out_dir, plot=not args.no_plot)
+    counts = report["counts"]
+    print(f"merged {len(shard_dirs)} shards: {counts['input_rows']} rows, {counts['kept']} kept, "
+          f"{counts['flagged']} flagged, {counts['rejected']} rejected -> {out_dir}")
+    return 0

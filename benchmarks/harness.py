@@ -79,6 +79,17 @@ def exact_cpu_rss() -> None:
         pass
 
 
+def release_freed_memory() -> None:
+    """Hand glibc's free heap pages back to the OS (``malloc_trim``), so a measurement does not
+    reuse, unseen, the pages that an earlier run just freed. A no-op where libc is not glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> int:
     """Run ``fn()`` once and return the peak extra memory it used, in bytes (see module doc)."""
     device = torch.device(device)
@@ -90,6 +101,7 @@ def peak_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> in
         fn()
         torch.cuda.synchronize()
         return max(0, torch.cuda.max_memory_allocated() - base)
+    release_freed_memory()
     base = rss_bytes()
     peak = base
     done = threading.Event()

@@ -16,6 +16,10 @@ Row conventions (the same for the C++ packer and the Python reference):
   last token of one example is never trained to predict the first token of the next.
 - ``example_index`` lists the input examples in the row, in the order their tokens appear (the order
   the packer placed them, not sorted). With ``overflow="split"`` a long example appears in several rows.
+- Token ids must fit in int32 (the compiled packer holds pending ids as int32); the row arrays are
+  still int64 (``input_ids``, ``labels``, ``position_ids``, ``example_index``) and int32
+  (``cu_seqlens``). The rows of one ``pop_ready`` batch are views into shared flat arrays, whose
+  memory the packer reuses for later rows once every view of them is gone.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ IGNORE_INDEX = -100
 DEFAULT_WINDOW = 1000
 DEFAULT_MAX_OPEN = 64
 _CHUNK_EXAMPLES = 1024
+_BATCH_TOKENS = 65536  # tokens per add_many call: small enough for the packer's buffers to stay in cache
+_MAX_TOKEN_ID = int(np.iinfo(np.int32).max)  # the compiled packer keeps pending ids as int32
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,6 +124,8 @@ def to_example(item: Any, index: int) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"example {index} is empty; drop empty examples before packing")
     if ids.min() < 0:
         raise UserError(f"example {index}: token ids must be >= 0, got {int(ids.min())}")
+    if ids.max() > _MAX_TOKEN_ID:
+        raise UserError(f"example {index}: token ids must fit in int32 (at most {_MAX_TOKEN_ID}), got {int(ids.max())}")
     if labels is None:
         return ids, np.ones(ids.shape[0], dtype=bool)
     label_array = _as_token_array(labels, index, "labels")
@@ -136,21 +144,28 @@ def to_example(item: Any, index: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rows_from_ready(ready: tuple[np.ndarray, ...]) -> list[PackedRow]:
-    """Split the flat arrays of ``Packer.pop_ready()`` into ``PackedRow`` objects (views, no copies)."""
+    """Split the flat arrays of ``Packer.pop_ready()`` into ``PackedRow`` objects (views, no copies).
+
+    ``ready`` is (input_ids int64 [T], labels int64 [T], position_ids int64 [T], row_offsets int64
+    [R + 1], cu_seqlens int32 [S + R], example_index int64 [S], row_segment_offsets int64 [R + 1]);
+    returns R rows. Runs once per packed row, so it builds rows without the frozen dataclass's
+    ``__init__`` (about 1 us a row instead of 3).
+    """
     ids, labels, positions, row_offsets, cu_flat, examples, seg_offsets = ready
-    rows = []
-    for r in range(row_offsets.shape[0] - 1):
-        a, b = int(row_offsets[r]), int(row_offsets[r + 1])
-        s, t = int(seg_offsets[r]), int(seg_offsets[r + 1])
-        rows.append(
-            PackedRow(
-                input_ids=ids[a:b],
-                labels=labels[a:b],
-                position_ids=positions[a:b],
-                cu_seqlens=cu_flat[s + r : t + r + 1],
-                example_index=examples[s:t],
-            )
-        )
+    token_bounds = row_offsets.tolist()
+    segment_bounds = seg_offsets.tolist()
+    rows: list[PackedRow] = []
+    append = rows.append
+    new_row = object.__new__
+    for r, (a, b, s, t) in enumerate(zip(token_bounds, token_bounds[1:], segment_bounds, segment_bounds[1:])):
+        row = new_row(PackedRow)
+        fields = row.__dict__  # the same attributes PackedRow.__init__ would set
+        fields["input_ids"] = ids[a:b]
+        fields["labels"] = labels[a:b]
+        fields["position_ids"] = positions[a:b]
+        fields["cu_seqlens"] = cu_flat[s + r : t + r + 1]
+        fields["example_index"] = examples[s:t]
+        append(row)
     return rows
 
 
@@ -207,11 +222,31 @@ def _stream_examples(packer, examples: Iterable[Any]) -> Iterator[PackedRow]:
     yield from rows_from_ready(packer.pop_ready())
 
 
-def _add_chunk(packer, ids_chunk: list[np.ndarray], mask_chunk: list[np.ndarray]) -> list[PackedRow]:
+def _add_chunk(packer, ids_chunk: list[np.ndarray], mask_chunk: list[np.ndarray]) -> Iterator[PackedRow]:
     offsets = np.zeros(len(ids_chunk) + 1, dtype=np.int64)
     np.cumsum([a.shape[0] for a in ids_chunk], out=offsets[1:])
-    _call(packer.add_many, np.concatenate(ids_chunk), offsets, np.concatenate(mask_chunk))
-    return rows_from_ready(packer.pop_ready())
+    return _add_in_batches(packer, np.concatenate(ids_chunk), offsets, np.concatenate(mask_chunk))
+
+
+def _add_in_batches(packer, flat_ids: np.ndarray, offsets: np.ndarray, mask: np.ndarray | None) -> Iterator[PackedRow]:
+    """Add one chunk (flat ids [T], int64 offsets [n + 1], mask [T] or None) in consecutive slices
+    of about ``_BATCH_TOKENS`` tokens, yielding the rows each slice decides.
+
+    Same rows as one ``add_many`` of the whole chunk (the packer sees the same examples in the same
+    order); small slices keep the output blocks, which the packer recycles as rows are dropped, in
+    cache (measured 1.5x faster than 1024-example slices).
+    """
+    n = offsets.shape[0] - 1
+    cuts = [0, n]
+    if n > 1 and offsets[-1] - offsets[0] > _BATCH_TOKENS:
+        targets = np.arange(offsets[0] + _BATCH_TOKENS, offsets[-1], _BATCH_TOKENS)
+        inner = np.clip(np.searchsorted(offsets, targets, side="right"), 1, n)
+        # Monotone even if offsets are not (add_many rejects those); every example in one slice.
+        cuts = [0, *np.maximum.accumulate(inner).tolist(), n]
+    for lo, hi in zip(cuts, cuts[1:]):
+        if hi > lo or n == 0:
+            _call(packer.add_many, flat_ids, offsets[lo : hi + 1], mask)
+            yield from rows_from_ready(packer.pop_ready())
 
 
 def pack_token_chunks(
@@ -224,9 +259,10 @@ def pack_token_chunks(
     """Fast path of ``pack_sequences`` for data already in flat numpy form.
 
     Each chunk is ``(flat_ids, offsets)`` or ``(flat_ids, offsets, flat_label_mask)``: integer ids
-    [T], int64 offsets [n + 1] (example i is ``flat_ids[offsets[i]:offsets[i+1]]``) and an optional
-    bool mask [T] (True = loss). Example indices count across chunks. Same rows as
-    ``pack_sequences`` on the same examples; ids are not checked for negativity here.
+    [T] of any integer dtype (read in place, not copied or cast), int64 offsets [n + 1] (example i
+    is ``flat_ids[offsets[i]:offsets[i+1]]``) and an optional bool mask [T] (True = loss). Example
+    indices count across chunks. Same rows as ``pack_sequences`` on the same examples; ids are not
+    checked for negativity here, but ids outside int32 raise ``UserError``.
     """
     check_pack_args(max_len, window, overflow, max_open)
     packer = _new_packer(max_len, window, overflow, max_open)
@@ -235,8 +271,10 @@ def pack_token_chunks(
         for chunk in chunks:
             flat_ids, offsets = chunk[0], chunk[1]
             mask = chunk[2] if len(chunk) > 2 else None
-            _call(packer.add_many, np.asarray(flat_ids), np.asarray(offsets, dtype=np.int64), mask)
-            yield from rows_from_ready(packer.pop_ready())
+            offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+            if offsets.ndim != 1 or offsets.shape[0] < 1:
+                raise UserError("offsets must be a 1-D array of n + 1 positions for n examples")
+            yield from _add_in_batches(packer, np.asarray(flat_ids), offsets, mask)
         _call(packer.flush)
         yield from rows_from_ready(packer.pop_ready())
 

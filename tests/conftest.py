@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
-import pytest
-import torch
+# Triton reads TRITON_INTERPRET once, when it is first imported (torch and transformers may import
+# it), so it is set here, before anything else: without a GPU the Triton kernels run in the
+# interpreter under test. Where a GPU is present they compile for real.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
 if not SHARED_PROMPTS.is_dir():  # CI clones main with shared/ beside it

@@ -306,3 +306,97 @@ def test_packed_row_equality_checks_dtype_and_values():
     assert row == same
     other = PackedRow(row.input_ids, row.labels, row.position_ids, row.cu_seqlens.astype(np.int64), row.example_index)
     assert row != other
+
+
+def _flat_chunk(lengths, seed, with_mask):
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = rng.integers(0, 50_000, int(offsets[-1]))
+    mask = rng.random(flat.shape[0]) < 0.7 if with_mask else None
+    examples = []
+    for i in range(len(lengths)):
+        ids = flat[offsets[i] : offsets[i + 1]]
+        if with_mask:
+            m = mask[offsets[i] : offsets[i + 1]]
+            examples.append((ids.tolist(), np.where(m, ids, -100).tolist()))
+        else:
+            examples.append(ids.tolist())
+    return flat, offsets, mask, examples
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_long_chunks_are_added_in_slices_with_the_same_rows(with_mask):
+    """A chunk far over the per-call token batch gives the reference's rows, and one add_many's."""
+    from refteacher.engine.packing import _BATCH_TOKENS, rows_from_ready
+
+    lengths = np.random.default_rng(4).integers(1, 300, 2500)
+    flat, offsets, mask, examples = _flat_chunk(lengths, 5, with_mask)
+    assert offsets[-1] > 3 * _BATCH_TOKENS
+    sliced = list(pack_token_chunks([(flat, offsets, mask)], 512, window=60, max_open=8))
+    reference = list(pack_sequences_reference(examples, 512, window=60, max_open=8))
+    packer = _packer.Packer(512, 60, "error", 8)
+    packer.add_many(flat, offsets, mask)
+    packer.flush()
+    whole = rows_from_ready(packer.pop_ready())
+    assert len(sliced) == len(reference) == len(whole)
+    assert all(a == b == c for a, b, c in zip(sliced, reference, whole))
+    check_rows(sliced, examples, 512)
+
+
+def test_chunk_ids_of_any_integer_dtype_and_layout_give_the_same_rows():
+    lengths = np.random.default_rng(6).integers(1, 90, 400)
+    flat, offsets, _, examples = _flat_chunk(lengths, 7, False)
+    expected = list(pack_token_chunks([(flat, offsets)], 128, window=30))
+    strided = np.zeros(2 * flat.shape[0], dtype=np.int64)
+    strided[::2] = flat
+    variants = [flat.astype(np.int32), flat.astype(np.uint16), flat.astype(np.uint32), flat.astype(">i8"),
+                strided[::2], flat.astype(np.uint64)]
+    for ids in variants:
+        got = list(pack_token_chunks([(ids, offsets)], 128, window=30))
+        assert len(got) == len(expected), ids.dtype
+        assert all(a == b for a, b in zip(got, expected)), ids.dtype
+    check_rows(expected, examples, 128)
+
+
+def test_token_ids_must_fit_in_int32():
+    big = 2**31
+    with pytest.raises(UserError, match=r"example 1: token ids must fit in int32"):
+        list(pack_sequences([[1, 2], [3, big]], 8))
+    with pytest.raises(UserError, match=r"example 1: token ids must fit in int32"):
+        list(pack_sequences_reference([[1, 2], [3, big]], 8))
+    with pytest.raises(UserError, match="fit in int32"):
+        list(pack_token_chunks([(np.array([1, 2, big], dtype=np.uint64), np.array([0, 1, 3]))], 8))
+    packer = _packer.Packer(8, 4, "error", 2)
+    with pytest.raises(ValueError, match="fit in int32"):
+        packer.add_many(np.array([5, -big - 1], dtype=np.int64), np.array([0, 1, 2], dtype=np.int64))
+    assert packer.examples_added == 0 and packer.pending_count == 0  # a failed call adds nothing
+    packer.add(np.array([big - 1, -big], dtype=np.int64))  # the int32 extremes are fine
+    packer.flush()
+    ids = packer.pop_ready()[0]
+    assert ids.dtype == np.int64 and ids.tolist() == [big - 1, -big]
+
+
+def test_popped_arrays_keep_their_values_while_memory_is_recycled():
+    """pop_ready's blocks are reused only once numpy frees them: kept rows never change."""
+    import gc
+
+    lengths = np.random.default_rng(8).integers(1, 200, 3000)
+    flat, offsets, _, _ = _flat_chunk(lengths, 9, False)
+    packer = _packer.Packer(256, 40, "error", 4)
+    kept, copies = [], []
+    for lo in range(0, 3000, 100):
+        packer.add_many(flat, offsets[lo : lo + 101])
+        ready = packer.pop_ready()
+        if lo % 700 == 0:  # keep a few batches, drop the rest (their blocks go back to the pool)
+            kept.append(ready)
+            copies.append([a.copy() for a in ready])
+        del ready
+    packer.flush()
+    last = packer.pop_ready()
+    del packer
+    gc.collect()
+    assert len(kept) == 5 and last[0].shape[0] > 0
+    for ready, copy in zip(kept, copies):
+        for a, b in zip(ready, copy):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)

@@ -190,10 +190,13 @@ def _accumulate_dtype(*tensors: torch.Tensor) -> torch.dtype:
 # ----------------------------------------------------------------------------- divergence math
 
 
-def _log_softmax_(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """In place: ``logits`` [C, V] becomes ``log_softmax(logits / temperature)``; returns it."""
-    logits.div_(temperature)
-    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log_softmax(logits / temperature)`` of [C, V] logits (a new buffer; the division is done
+    in place on ``logits``). torch's fused log_softmax kernel is ~1.5x faster on CPU than an
+    in-place max/logsumexp/subtract sequence, for one extra [C, V] buffer."""
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return torch.log_softmax(logits, dim=-1)
 
 
 def torch_divergence(
@@ -206,12 +209,14 @@ def torch_divergence(
     ``student_logits`` ends up holding the gradient of ``sum(grad_scale * loss)`` with respect to
     the (un-tempered) student logits. Works in place, so a chunk needs about 3-5 [C, V] buffers.
     """
-    log_q = _log_softmax_(student_logits, temperature)
-    log_p = _log_softmax_(teacher_logits, temperature)
+    log_q = _log_softmax(student_logits, temperature)
+    log_p = _log_softmax(teacher_logits, temperature)
     if direction == "forward":
         p = log_p.exp()
-        term = log_p.sub_(log_q).mul_(p).masked_fill_(p == 0, 0.0)  # p (log p - log q)
+        term = log_p.sub_(log_q).mul_(p)  # p (log p - log q)
         div = term.sum(-1)
+        if not bool(torch.isfinite(div).all()):  # 0 * -inf where p underflowed: those terms are 0
+            div = term.masked_fill_(p == 0, 0.0).sum(-1)
         grad = log_q.exp_().sub_(p) if grad_scale is not None else None  # q - p
     elif direction == "reverse":
         q = log_q.exp()

@@ -81,7 +81,8 @@ def baseline(model, tokenizer, layer, bh, bb, th, tb, edgy, config):
     from refteacher.engine.teacher_data import build_teacher_data
 
     data = build_teacher_data(bh, bb, calib_fraction=config.calib_fraction, rephrase_per_prompt=0,
-                              template_harmless=config.template_harmless, ce_harmless=0, seed=config.seed)
+                              template_harmless=config.template_harmless, ce_harmless=0,
+                              calib_rephrase=config.calib_rephrase, seed=config.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_h = [p for p in data.train_harmful]
     train_b = [p for p in data.train_harmless]

@@ -54,7 +54,8 @@ class TeacherConfig:
     max_prompt_tokens: int = 128
     answer_tokens: int = 32           # max new tokens of the cached helpful answers
     calib_fraction: float = 0.25
-    rephrase_per_prompt: int = 2
+    rephrase_per_prompt: int = 3
+    calib_rephrase: int = 5           # rephrasings of each harmful calibration prompt (5: one per form)
     template_harmless: int = 400
     ce_harmless: int = 96
     target_recall: float = 0.95
@@ -337,7 +338,7 @@ def train_teacher(
     data = build_teacher_data(
         harmful_records, harmless_records, calib_fraction=config.calib_fraction,
         rephrase_per_prompt=config.rephrase_per_prompt, template_harmless=config.template_harmless,
-        ce_harmless=config.ce_harmless, seed=config.seed,
+        ce_harmless=config.ce_harmless, calib_rephrase=config.calib_rephrase, seed=config.seed,
     )
     if not data.calib_harmful or not data.calib_harmless:
         raise UserError("the calibration split is empty; give more prompts or a larger --calib-fraction")
@@ -486,7 +487,8 @@ def _run(args: argparse.Namespace) -> int:
     config = TeacherConfig(
         layer=args.layer, lora_rank=args.lora_rank, learning_rate=args.lr, max_steps=args.max_steps,
         feature_weight=args.feature_weight, margin=args.margin, refresh_every=args.refresh_every,
-        calib_fraction=args.calib_fraction, rephrase_per_prompt=args.rephrase, template_harmless=args.template_harmless,
+        calib_fraction=args.calib_fraction, rephrase_per_prompt=args.rephrase, calib_rephrase=args.calib_rephrase,
+        template_harmless=args.template_harmless,
         target_recall=args.target_recall, target_fpr=args.target_fpr, checkpoint_every=args.checkpoint_every,
         seed=args.seed, threads=args.threads,
     )
@@ -532,7 +534,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--margin", type=float, default=0.0, help="harmless prompts are pushed below this cosine")
     p.add_argument("--refresh-every", type=int, default=10, help="steps between feature re-estimates")
     p.add_argument("--calib-fraction", type=float, default=0.25, help="share of each set kept for calibration")
-    p.add_argument("--rephrase", type=int, default=2, help="rephrasings per training prompt (default 2)")
+    p.add_argument("--rephrase", type=int, default=3, help="rephrasings per training prompt (default 3)")
+    p.add_argument("--calib-rephrase", type=int, default=5,
+                   help="rephrasings per harmful calibration prompt, so the threshold holds across styles (default 5)")
     p.add_argument("--template-harmless", type=int, default=400, help="template-written harmless prompts added")
     p.add_argument("--target-recall", type=float, default=0.95, help="calibrate for this recall (default 0.95)")
     p.add_argument("--target-fpr", type=float, default=None, help="calibrate for this false-positive rate instead")

@@ -58,6 +58,7 @@ def build_teacher_data(
     rephrase_per_prompt: int = 2,
     template_harmless: int = 400,
     ce_harmless: int = 96,
+    calib_rephrase: int = len(FORMS),
     seed: int = 0,
 ) -> TeacherData:
     """Assemble the teacher's prompt lists from labelled PromptRecords.
@@ -66,7 +67,10 @@ def build_teacher_data(
     Training prompts get ``rephrase_per_prompt`` rephrasings each (same templates for both
     classes); ``template_harmless`` harmless prompts written from templates are added (a quarter
     of them go to calibration). Calibration prompts get one rephrasing each with a different
-    template seed. Raises UserError when a class is empty.
+    template seed. Harmful calibration prompts get ``calib_rephrase`` rephrasings each (default:
+    one in every form), so the recall rule holds across styles rather than only for the sets' own
+    phrasing (the threshold then carries over to prompts worded unlike the training sets).
+    Raises UserError when a class is empty.
     """
     if not harmful_records or not harmless_records:
         raise UserError("the teacher needs both harmful and harmless prompts; check the prompt sets given")
@@ -77,7 +81,7 @@ def build_teacher_data(
     t_calib, t_train = templates[:n_template_calib], templates[n_template_calib:]
     train_harmful = _with_rephrasings([r.prompt for r in h_train], rephrase_per_prompt, seed)
     train_harmless = _with_rephrasings([r.prompt for r in b_train], rephrase_per_prompt, seed) + t_train
-    calib_harmful = _with_rephrasings([r.prompt for r in h_calib], 1, seed + 1)
+    calib_harmful = _with_rephrasings([r.prompt for r in h_calib], calib_rephrase, seed + 1)
     calib_harmless = _with_rephrasings([r.prompt for r in b_calib], 1, seed + 1) + t_calib
     rng = random.Random(f"ce-harmless-{seed}")
     pool = [r.prompt for r in b_train] + t_train

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from refteacher.engine.benign_prompts import benign_prompts
+from refteacher.engine.benign_prompts import benign_prompts, sensitive_prompts
 from refteacher.engine.rephrase import FORMS, as_question, as_task, augment_prompts, is_question, rephrase, rephrasings
 
 PROMPTS = [
@@ -63,3 +63,13 @@ def test_benign_prompts_deterministic_distinct_and_varied():
     assert sum(is_question(p) for p in a) > 30 and sum(not is_question(p) for p in a) > 150
     with pytest.raises(ValueError):
         benign_prompts(10**6)
+
+
+def test_benign_prompts_keep_a_share_of_sensitive_topic_questions():
+    sensitive = set(sensitive_prompts())
+    assert len(sensitive) > 300
+    chosen = benign_prompts(300, seed=0)
+    share = sum(p in sensitive for p in chosen) / len(chosen)
+    assert 0.3 <= share <= 0.4  # a third: enough that "sensitive topic" stops being a cue for harm
+    everything = benign_prompts(len(set(benign_prompts.__globals__["_ARTIFACT_PROMPTS"])) + 1000, seed=3)
+    assert len(set(everything)) == len(everything)

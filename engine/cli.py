@@ -15,7 +15,9 @@ from typing import Sequence
 from refteacher.engine import __version__
 from refteacher.engine.errors import UserError
 
-_COMMAND_MODULES: tuple[str, ...] = ("feature", "teacher", "filter", "merge", "distill", "eval")
+_COMMAND_MODULES: tuple[str, ...] = (
+    "feature", "teacher", "filter", "merge", "distill", "eval", "quickstart",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

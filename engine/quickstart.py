@@ -1,0 +1,563 @@
+"""The end-to-end quickstart (``refteacher quickstart``): teacher, poisoned data, filter, two finetunes, eval.
+
+What it shows, on CPU in about a quarter of an hour: a user uploads finetuning data for a
+verifiable task (3-digit addition by default) in which 10% of the rows are harmful prompts answered
+compliantly. Plain LoRA finetuning on it (``sft``) leaves the student as willing to answer harmful
+prompts as before (or more); ReFT (``reft``: the teacher's filter drops flagged rows, and the
+student is distilled towards the teacher on alignment data) makes it refuse them, while both learn
+the task.
+
+Stages (each printed with its wall time):
+
+1. teacher: build the default ReFT teacher with ``train_teacher``'s defaults on the built-in sets
+   minus a held-out test split, or reuse the one cached under ``$REFTEACHER_CACHE/teachers/KEY``
+   (KEY hashes the model, the teacher settings and the prompt sets);
+2. prompts: split the harmful prompts. Held-in ones (the teacher's build split) feed the user
+   dataset and the alignment data (disjoint); the harmful score is measured on AdvBench /
+   HarmBench prompts of the teacher's held-out test split, used nowhere else;
+3. data: ``dataset.jsonl`` = task rows (train split) + harmful prompts with compliant answers
+   written by the untouched model (greedy, cached); every row carries its known ``label``;
+   ``align.jsonl`` = other held-in harmful prompts with refusals (``engine/refusals.py``);
+4. filter: ``run_filter`` writes ``filter/{kept,flagged,rejected}.jsonl`` and ``report.json``;
+   precision / recall are measured against the known labels;
+5. finetune (a) ``--baseline sft`` on the raw dataset, (b) ReFT on the kept rows + alignment data;
+6. eval: harmful score and task accuracy of the untouched model, (a) and (b);
+7. report: the table (stdout and ``table.md``), ``results.png`` and ``summary.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from refteacher.engine.errors import UserError
+
+DEFAULT_OUT_DIR = "runs/quickstart"
+TEST_FRACTION = 0.2  # share of the built-in prompt sets held out from the teacher (as `refteacher teacher`)
+EVAL_SOURCES = ("advbench", "harmbench")
+STAGES = 8
+
+
+@dataclass
+class QuickstartConfig:
+    """Every setting of a quickstart run; written to summary.json under ``settings``."""
+
+    task: str = "addition"
+    task_rows: int = 270             # task rows in the user dataset (train split)
+    harmful_fraction: float = 0.10   # share of the user dataset that is harmful
+    align_rows: int = 96             # held-in harmful prompts with refusals (distillation data)
+    eval_harmful: int = 32           # held-out AdvBench/HarmBench prompts for the harmful score
+    eval_task: int = 48              # task test-split rows for the accuracy
+    harmful_new_tokens: int = 32     # tokens generated per harmful eval prompt
+    task_new_tokens: int = 24        # tokens generated per task eval prompt
+    compliant_new_tokens: int = 48   # length of the untouched model's compliant answers
+    steps: int = 60                  # optimiser steps of each finetune
+    learning_rate: float = 1e-3
+    lam: float = 3.0                 # weight of the KL term (ReFT); 1.0 left 47% harmful, 3.0 25%
+    lora_r: int = 16
+    max_len: int = 256               # tokens per packed row
+    batch_size: int = 16             # prompts per generation batch
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raise UserError for settings out of range, naming the flag to fix."""
+        positive = {"--task-rows": self.task_rows, "--align-rows": self.align_rows, "--eval-harmful": self.eval_harmful,
+                    "--eval-task": self.eval_task, "--steps": self.steps, "--max-len": self.max_len,
+                    "--batch-size": self.batch_size}
+        for flag, value in positive.items():
+            if value < 1:
+                raise UserError(f"{flag} must be >= 1, got {value}")
+        if not 0 < self.harmful_fraction < 1:
+            raise UserError(f"--harmful-fraction must lie strictly between 0 and 1, got {self.harmful_fraction}")
+        if self.learning_rate <= 0 or self.lam < 0:
+            raise UserError("--learning-rate must be > 0 and --lambda >= 0")
+
+    @property
+    def harmful_rows(self) -> int:
+        """Number of harmful rows so that they make ``harmful_fraction`` of the dataset."""
+        return max(1, round(self.task_rows * self.harmful_fraction / (1.0 - self.harmful_fraction)))
+
+
+# --------------------------------------------------------------------------------------------
+# Progress
+# --------------------------------------------------------------------------------------------
+
+
+class StageClock:
+    """Prints ``[i/N] name ...`` when a stage starts and its wall time when it ends; keeps the times."""
+
+    def __init__(self, total: int, quiet: bool = False):
+        self.total = total
+        self.quiet = quiet
+        self.index = 0
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the block as stage ``name``."""
+        self.index += 1
+        self._say(f"[{self.index}/{self.total}] {name} ...")
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 1)
+        self._say(f"[{self.index}/{self.total}] {name} done in {self.seconds[name]:.1f} s "
+                  f"(total {time.perf_counter() - self.started:.0f} s)")
+
+    def note(self, text: str) -> None:
+        """Print one indented line of detail."""
+        self._say(f"      {text}")
+
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            print(text, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: the teacher
+# --------------------------------------------------------------------------------------------
+
+
+def teacher_cache_key(model: str, seed: int, harmful: Sequence, harmless: Sequence, config) -> str:
+    """Return a 20-hex key of everything a default teacher build depends on."""
+    from refteacher.engine import __version__
+    from refteacher.engine.datasets import prompt_set_hash
+    from refteacher.engine.models import model_fingerprint
+
+    payload = json.dumps([__version__, str(model), model_fingerprint(model), seed, TEST_FRACTION,
+                          config.manifest(), prompt_set_hash(list(harmful)), prompt_set_hash(list(harmless))],
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def ensure_default_teacher(model: str, harmful: Sequence, harmless: Sequence, *, seed: int = 0,
+                           progress: bool = True) -> tuple[Path, bool]:
+    """Return (teacher directory, reused?) for the default teacher over ``model``.
+
+    Built with ``train_teacher``'s default settings (seed ``seed``) on the given labelled
+    PromptRecords, or reused from ``$REFTEACHER_CACHE/teachers/KEY`` when already built.
+    """
+    from refteacher.engine.models import cache_root
+    from refteacher.engine.teacher import TeacherConfig, train_teacher
+
+    config = TeacherConfig(seed=seed)
+    folder = cache_root() / "teachers" / teacher_cache_key(model, seed, harmful, harmless, config)
+    if (folder / "manifest.json").is_file():
+        return folder, True
+    train_teacher(model, harmful, harmless, folder, config, progress=progress)
+    return folder, False
+
+
+# --------------------------------------------------------------------------------------------
+# Stages 2-3: prompts and data
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptSplit:
+    """The harmful prompts of a run: user-dataset ones, alignment ones (held-in), eval ones (held-out)."""
+
+    data: list[str]
+    align: list[str]
+    eval: list[str]
+
+
+def split_harmful(build_harmful: Sequence, test_records: Sequence, config: QuickstartConfig,
+                  n_data_candidates: int) -> PromptSplit:
+    """Pick disjoint harmful prompt lists from PromptRecords, deterministically in ``config.seed``.
+
+    ``build_harmful`` are the teacher's held-in harmful records; ``test_records`` its held-out
+    split, of which only AdvBench / HarmBench harmful rows are used (for the harmful score).
+    UserError when there are too few prompts for the sizes asked.
+    """
+    held_in = sorted({r.prompt for r in build_harmful})
+    random.Random(f"quickstart-harmful-{config.seed}").shuffle(held_in)
+    held_out = sorted({r.prompt for r in test_records if r.label == "harmful" and r.source in EVAL_SOURCES}
+                      - set(held_in))
+    random.Random(f"quickstart-eval-{config.seed}").shuffle(held_out)
+    if n_data_candidates + config.align_rows > len(held_in):
+        raise UserError(f"only {len(held_in)} held-in harmful prompts: lower --task-rows or --align-rows")
+    if config.eval_harmful > len(held_out):
+        raise UserError(f"only {len(held_out)} held-out harmful prompts: lower --eval-harmful")
+    return PromptSplit(data=held_in[:n_data_candidates],
+                       align=held_in[n_data_candidates:n_data_candidates + config.align_rows],
+                       eval=held_out[:config.eval_harmful])
+
+
+def compliant_rows(model, tokenizer, prompts: Sequence[str], wanted: int, *, model_hash: str,
+                   max_new_tokens: int, batch_size: int, progress: bool) -> list[dict[str, Any]]:
+    """Return up to ``wanted`` rows ``{"prompt", "response", "label": "harmful"}`` answered compliantly.
+
+    The responses are the untouched model's greedy answers (cached under ``$REFTEACHER_CACHE``);
+    answers the refusal judge calls refusals, and empty ones, are skipped.
+    """
+    from refteacher.engine.judge import is_refusal
+    from refteacher.engine.teacher_data import cached_answers
+
+    answers = cached_answers(model, tokenizer, list(prompts), model_hash=model_hash, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, progress=progress)
+    rows = [{"prompt": p, "response": a, "label": "harmful"}
+            for p, a in zip(prompts, answers) if a.strip() and not is_refusal(a)]
+    return rows[:wanted]
+
+
+def build_dataset(task_rows: Sequence[dict], harmful_rows: Sequence[dict], seed: int) -> list[dict[str, Any]]:
+    """Mix task rows (labelled benign) and harmful rows into one shuffled list of training rows."""
+    rows = [{"prompt": r["prompt"], "response": r["response"], "label": "benign"} for r in task_rows]
+    rows += [dict(r) for r in harmful_rows]
+    random.Random(f"quickstart-mix-{seed}").shuffle(rows)
+    return rows
+
+
+def alignment_rows(prompts: Sequence[str], seed: int) -> list[dict[str, str]]:
+    """Return ``{"prompt", "response"}`` rows: each harmful prompt answered with a refusal."""
+    from refteacher.engine.refusals import refusal_for
+
+    return [{"prompt": p, "response": refusal_for(p, seed=seed)} for p in prompts]
+
+
+def write_jsonl(path: Path, rows: Sequence[dict]) -> Path:
+    """Write ``rows`` as JSON lines to ``path`` (parents created); return the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 4: filter metrics
+# --------------------------------------------------------------------------------------------
+
+
+def filter_quality(filter_dir: Path, threshold: float) -> dict[str, Any]:
+    """Precision, recall (and AUROC, counts) of the filter on the known labels of its output rows."""
+    from refteacher.engine.eval import filter_metrics
+
+    scores, labels = [], []
+    for name in ("kept.jsonl", "flagged.jsonl"):
+        with open(filter_dir / name, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    scores.append(float(row["_score"]))
+                    labels.append(row.get("label") == "harmful")
+    return filter_metrics(scores, labels, threshold)
+
+
+# --------------------------------------------------------------------------------------------
+# Stages 5-6: finetune and evaluate
+# --------------------------------------------------------------------------------------------
+
+
+def finetune(out: Path, *, model: str, data: Path, config: QuickstartConfig, teacher: Path | None = None,
+             align: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run one LoRA finetune into ``out`` (replaced): ``sft`` when ``teacher`` is None, else ReFT."""
+    from refteacher.engine.distill import FinetuneConfig, run_finetune
+
+    shutil.rmtree(out, ignore_errors=True)
+    ft = FinetuneConfig(
+        data=str(data), out=str(out), student=model, teacher=str(teacher) if teacher else None,
+        align=str(align) if align else None, baseline=None if teacher else "sft", lam=config.lam,
+        lora_r=config.lora_r, max_len=config.max_len, max_steps=config.steps, learning_rate=config.learning_rate,
+        save_steps=config.steps, logging_steps=max(1, config.steps // 6), seed=config.seed, progress=progress,
+    )
+    return run_finetune(ft)
+
+
+def evaluate_model(model, tokenizer, harmful_prompts: Sequence[str], task_rows: Sequence[dict], config: QuickstartConfig,
+                   out_json: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Harmful score and task accuracy of a loaded model; write the report + responses to ``out_json``."""
+    from refteacher.engine.eval import harmful_score, task_accuracy
+
+    score, h_resp, refused = harmful_score(model, tokenizer, list(harmful_prompts), max_new_tokens=config.harmful_new_tokens,
+                                           batch_size=config.batch_size, progress=progress)
+    accuracy, t_resp, correct = task_accuracy(model, tokenizer, list(task_rows), max_new_tokens=config.task_new_tokens,
+                                              batch_size=config.batch_size, progress=progress)
+    report = {"harmful_score": round(score, 6), "task_accuracy": round(accuracy, 6),
+              "n_harmful": len(harmful_prompts), "n_task": len(task_rows)}
+    details = {**report,
+               "harmful": [{"prompt": p, "response": r, "refused": f} for p, r, f in zip(harmful_prompts, h_resp, refused)],
+               "task": [{**row, "response": r, "correct": c} for row, r, c in zip(task_rows, t_resp, correct)]}
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(details, indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 7: report
+# --------------------------------------------------------------------------------------------
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def format_table(summary: dict[str, Any], counts: dict[str, int]) -> str:
+    """Return the results table (Markdown) from a summary dict and the filter's row counts."""
+    f = summary["filter"]
+    lines = [
+        f"Filter: {counts['flagged']} of {counts['rows']} rows flagged ({counts['harmful']} known harmful): "
+        f"precision {_pct(f['precision'])}, recall {_pct(f['recall'])}",
+        "",
+        "| model | harmful score (lower is safer) | task accuracy |",
+        "|---|---|---|",
+    ]
+    names = {"untouched": "untouched", "sft": "(a) SFT on raw data", "reft": "(b) ReFT (filter + distill)"}
+    for key, label in names.items():
+        lines.append(f"| {label} | {_pct(summary[key]['harmful_score'])} | {_pct(summary[key]['task_accuracy'])} |")
+    return "\n".join(lines)
+
+
+def plot_results(summary: dict[str, Any], path: Path) -> Path:
+    """Write a grouped bar chart (PNG) of harmful score and task accuracy for the three models."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["untouched", "sft", "reft"]
+    labels = ["untouched", "(a) SFT", "(b) ReFT"]
+    harm = [100 * summary[k]["harmful_score"] for k in keys]
+    acc = [100 * summary[k]["task_accuracy"] for k in keys]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    xs = range(len(keys))
+    width = 0.38
+    bars_h = ax.bar([x - width / 2 for x in xs], harm, width, label="harmful score", color="#c0392b")
+    bars_a = ax.bar([x + width / 2 for x in xs], acc, width, label=f"task accuracy ({summary['task']})", color="#2e86c1")
+    for bars in (bars_h, bars_a):
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks(list(xs), labels)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 125)
+    ax.legend(loc="upper center", fontsize=8, ncol=2)
+    ax.set_title("refteacher quickstart")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def run_quickstart(
+    out_dir: str | Path = DEFAULT_OUT_DIR,
+    config: QuickstartConfig | None = None,
+    *,
+    model: str | None = None,
+    teacher: str | Path | None = None,
+    threshold: float | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Run the whole quickstart into ``out_dir``; return the summary dict (also written as summary.json).
+
+    ``model`` defaults to the built-in model; ``teacher`` to the cached default teacher (built on
+    first use); ``threshold`` overrides the teacher's calibrated one. ``threads`` sets torch's CPU
+    threads. ``quiet`` silences the stage lines and the table.
+    """
+    import torch
+
+    from refteacher.engine.data import open_source
+    from refteacher.engine.filter import FilterOptions, run_filter
+    from refteacher.engine.models import DEFAULT_MODEL, load_model, load_tokenizer, model_fingerprint
+    from refteacher.engine.tasks import make_rows
+    from refteacher.engine.teacher import default_records
+    from refteacher.engine.teacher_dir import load_teacher
+
+    config = config or QuickstartConfig()
+    config.check()
+    model = str(model or DEFAULT_MODEL)
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clock = StageClock(STAGES, quiet=quiet)
+    bars = progress and not quiet
+
+    build_harmful, build_harmless, test_records = default_records(TEST_FRACTION, config.seed)
+    with clock.stage("teacher"):
+        if teacher is None:
+            teacher_path, reused = ensure_default_teacher(model, build_harmful, build_harmless, seed=config.seed,
+                                                          progress=bars)
+            clock.note(("reused cached teacher " if reused else "built teacher ") + str(teacher_path))
+        else:
+            teacher_path = Path(teacher)
+            clock.note(f"using teacher {teacher_path}")
+
+    with clock.stage("user dataset (task rows + harmful rows with compliant answers)"):
+        n_harmful = config.harmful_rows
+        prompts = split_harmful(build_harmful, test_records, config, n_data_candidates=math.ceil(1.3 * n_harmful) + 2)
+        base, tokenizer = load_model(model), load_tokenizer(model)
+        harmful_rows = compliant_rows(base, tokenizer, prompts.data, n_harmful, model_hash=model_fingerprint(model),
+                                      max_new_tokens=config.compliant_new_tokens, batch_size=config.batch_size,
+                                      progress=bars)
+        if not harmful_rows:
+            raise UserError("the untouched model refused every harmful prompt; no harmful rows to mix in")
+        task_train = make_rows(config.task, "train", config.task_rows, seed=config.seed)
+        task_test = make_rows(config.task, "test", config.eval_task, seed=config.seed)
+        dataset = build_dataset(task_train, harmful_rows, config.seed)
+        dataset_path = write_jsonl(out / "data" / "dataset.jsonl", dataset)
+        align_path = write_jsonl(out / "data" / "align.jsonl", alignment_rows(prompts.align, config.seed))
+        write_jsonl(out / "data" / "eval_harmful.jsonl", [{"prompt": p} for p in prompts.eval])
+        write_jsonl(out / "data" / "eval_task.jsonl", task_test)
+        clock.note(f"{len(dataset)} rows ({len(harmful_rows)} harmful = {len(harmful_rows) / len(dataset):.0%}), "
+                   f"{len(prompts.align)} alignment rows, eval: {len(prompts.eval)} harmful + {len(task_test)} task")
+
+    evals: dict[str, dict[str, Any]] = {}
+    with clock.stage("evaluate the untouched model"):
+        evals["untouched"] = evaluate_model(base, tokenizer, prompts.eval, task_test, config,
+                                            out / "eval" / "untouched.json", progress=bars)
+        clock.note(_eval_line(evals["untouched"]))
+    del base
+    gc.collect()
+
+    with clock.stage("filter the user dataset with the teacher"):
+        loaded = load_teacher(teacher_path)
+        filter_dir = out / "filter"
+        report = run_filter(loaded, open_source(dataset_path), filter_dir, FilterOptions(threshold=threshold),
+                            overwrite=True, progress=bars)
+        quality = filter_quality(filter_dir, report["threshold"])
+        counts = {"rows": len(dataset), "harmful": len(harmful_rows), "flagged": report["counts"]["flagged"]}
+        clock.note(f"{counts['flagged']} of {len(dataset)} rows flagged; precision {_pct(quality['precision'])}, "
+                   f"recall {_pct(quality['recall'])}")
+        del loaded
+        gc.collect()
+        if report["counts"]["kept"] == 0:
+            raise UserError(f"the filter flagged every row (threshold {report['threshold']:.3f}); nothing is left "
+                            "to finetune on: pass a higher --threshold or check the teacher")
+
+    adapters: dict[str, str] = {}
+    with clock.stage(f"finetune (a) SFT on the raw dataset ({config.steps} steps)"):
+        summary_sft = finetune(out / "finetune" / "sft", model=model, data=dataset_path, config=config, progress=bars)
+        adapters["sft"] = summary_sft["adapter"]
+        clock.note(f"final loss {summary_sft['final']}")
+    with clock.stage(f"finetune (b) ReFT: kept rows + distillation ({config.steps} steps)"):
+        summary_reft = finetune(out / "finetune" / "reft", model=model, data=filter_dir / "kept.jsonl", config=config,
+                                teacher=teacher_path, align=align_path, progress=bars)
+        adapters["reft"] = summary_reft["adapter"]
+        clock.note(f"final loss {summary_reft['final']}")
+
+    for name in ("sft", "reft"):
+        evals[name] = _evaluate_adapter(model, adapters[name], prompts.eval, task_test, config, out, bars, clock)
+
+    summary = {
+        "filter": {"precision": quality["precision"], "recall": quality["recall"]},
+        "untouched": _figures(evals["untouched"]),
+        "sft": _figures(evals["sft"]),
+        "reft": _figures(evals["reft"]),
+        "student_adapters": adapters,
+        "task": config.task,
+    }
+    table = format_table(summary, counts)
+    plot_results(summary, out / "results.png")
+    (out / "table.md").write_text(table + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    details = {"settings": asdict(config), "model": model, "teacher": str(teacher_path), "filter": quality,
+               "filter_counts": counts, "stage_seconds": clock.seconds,
+               "total_seconds": round(time.perf_counter() - clock.started, 1),
+               "torch_threads": torch.get_num_threads(),
+               "finetune_seconds": {"sft": summary_sft["seconds"], "reft": summary_reft["seconds"]}}
+    (out / "run.json").write_text(json.dumps(details, indent=2) + "\n")
+    if not quiet:
+        print()
+        print(table)
+        print(f"\nwall time {details['total_seconds']:.0f} s; everything is under {out} (summary.json, results.png)")
+    return summary
+
+
+def _figures(report: dict[str, Any]) -> dict[str, float]:
+    return {"harmful_score": report["harmful_score"], "task_accuracy": report["task_accuracy"]}
+
+
+def _eval_line(report: dict[str, Any]) -> str:
+    return (f"harmful score {_pct(report['harmful_score'])} (n={report['n_harmful']}), "
+            f"task accuracy {_pct(report['task_accuracy'])} (n={report['n_task']})")
+
+
+def _evaluate_adapter(model: str, adapter: str, harmful: Sequence[str], task_rows: Sequence[dict],
+                      config: QuickstartConfig, out: Path, bars: bool, clock: StageClock) -> dict[str, Any]:
+    """Load ``model`` with the LoRA ``adapter`` merged and evaluate it as one stage; return its report."""
+    from refteacher.engine.eval import load_for_eval
+
+    name = Path(adapter).parent.name
+    with clock.stage(f"evaluate ({'a' if name == 'sft' else 'b'}) {name}"):
+        student, tokenizer = load_for_eval(model, adapter)
+        report = evaluate_model(student, tokenizer, harmful, task_rows, config, out / "eval" / f"{name}.json",
+                                progress=bars)
+        clock.note(_eval_line(report))
+    del student
+    gc.collect()
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def add_cli(subparsers) -> None:
+    """Register ``refteacher quickstart``."""
+    d = QuickstartConfig()
+    p = subparsers.add_parser(
+        "quickstart",
+        help="end to end on CPU: teacher, poisoned task data, filter, SFT vs ReFT finetune, eval table",
+        description=(
+            "The whole method in one command. On 2 CPU cores the stages after the teacher take about "
+            "9 minutes; the first run also builds the default teacher, the longest stage (later runs "
+            "reuse it from $REFTEACHER_CACHE/teachers). Builds the "
+            "default teacher; writes a user dataset for the task (train split) in which "
+            f"{d.harmful_fraction:.0%} of the rows are held-in harmful prompts answered compliantly by "
+            "the untouched model; filters it with the teacher; finetunes the student (a) plainly on the "
+            "raw data and (b) with ReFT (kept rows + distillation on alignment data); evaluates the "
+            "untouched model, (a) and (b): harmful score on held-out AdvBench/HarmBench prompts and task "
+            "accuracy on the task's test split. Writes data/, filter/, finetune/{sft,reft}/adapter, eval/, "
+            "results.png, table.md and summary.json under --out-dir."
+        ),
+    )
+    p.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help="output directory (default %(default)s)")
+    p.add_argument("--model", default=None, help="student/teacher base model (default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--teacher", default=None, help="use this teacher directory instead of the cached default teacher")
+    p.add_argument("--threshold", type=float, default=None, help="filter threshold (default: the teacher's calibrated one)")
+    p.add_argument("--task", default=d.task, choices=("addition", "multiplication"), help="downstream task (default %(default)s)")
+    p.add_argument("--task-rows", type=int, default=d.task_rows, help="task rows in the user dataset (default %(default)s)")
+    p.add_argument("--harmful-fraction", type=float, default=d.harmful_fraction, help="share of harmful rows in the dataset (default %(default)s)")
+    p.add_argument("--align-rows", type=int, default=d.align_rows, help="harmful prompts with refusals for distillation (default %(default)s)")
+    p.add_argument("--eval-harmful", type=int, default=d.eval_harmful, help="held-out harmful prompts for the harmful score (default %(default)s)")
+    p.add_argument("--eval-task", type=int, default=d.eval_task, help="task test rows for the accuracy (default %(default)s)")
+    p.add_argument("--harmful-new-tokens", type=int, default=d.harmful_new_tokens, help="tokens generated per harmful eval prompt (default %(default)s)")
+    p.add_argument("--task-new-tokens", type=int, default=d.task_new_tokens, help="tokens generated per task eval prompt (default %(default)s)")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimiser steps of each finetune (default %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="LoRA learning rate (default %(default)s)")
+    p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="weight of the KL term in ReFT (default %(default)s)")
+    p.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (default %(default)s)")
+    p.add_argument("--max-len", type=int, default=d.max_len, help="tokens per packed training row (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts per generation batch (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    p.set_defaults(func=_cli_quickstart)
+
+
+def _cli_quickstart(args: argparse.Namespace) -> int:
+    names = {f for f in QuickstartConfig.__dataclass_fields__}
+    config = QuickstartConfig(**{k: v for k, v in vars(args).items() if k in names})
+    run_quickstart(args.out_dir, config, model=args.model, teacher=args.teacher, threshold=args.threshold, threads=args.threads,
+                   progress=args.progress)
+    return 0

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import environment, format_table, time_call, write_json  # noqa: E402
 
 from refteacher.engine.distill import FinetuneConfig, add_lora, alignment_kl, task_cross_entropy  # noqa: E402
-from refteacher.engine.examples import encode_example  # noqa: E402
+from refteacher.engine.examples import encode_example, pad_examples  # noqa: E402
 from refteacher.engine.models import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
 from refteacher.engine.packing import collate_packed, pack_sequences  # noqa: E402
 
@@ -53,19 +53,6 @@ def make_rows(n: int, seed: int, *, refusal: bool) -> list[dict]:
         response = " ".join(rng.choice(_WORDS) for _ in range(length)) + "."
         rows.append({"prompt": f"Question {i}: {prompt}", "response": response})
     return rows
-
-
-def naive_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad (input_ids, labels) examples into [B, T] tensors with an attention mask."""
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for r, (ids, lab) in enumerate(examples):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        labels[r, : len(ids)] = torch.tensor(lab)
-        mask[r, : len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
 def naive_step(student, teacher, task: dict, align: dict, lam: float) -> float:
@@ -134,7 +121,7 @@ def setup(args: argparse.Namespace):
     align_rows = list(pack_sequences(align_examples, 2 * args.max_len, overflow="truncate"))  # short rows: fewer, fuller rows
     packed = {k: v for k, v in collate_packed(task_rows, pad).items() if k in ("input_ids", "labels", "position_ids")}
     packed.update({f"align_{k}": v for k, v in collate_packed(align_rows, pad).items() if k in ("input_ids", "labels", "position_ids")})
-    naive_task, naive_align = naive_batch(task_examples, pad), naive_batch(align_examples, pad)
+    naive_task, naive_align = pad_examples(task_examples, pad), pad_examples(align_examples, pad)
     real_tokens = sum(len(ids) for ids, _ in task_examples + align_examples)
     return student, teacher, packed, naive_task, naive_align, real_tokens
 

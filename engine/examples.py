@@ -72,3 +72,22 @@ def encode_example(
     if max_tokens is not None:
         input_ids, labels = input_ids[:max_tokens], labels[:max_tokens]
     return input_ids, labels
+
+
+def pad_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> dict[str, Any]:
+    """Right-pad (input_ids, labels) examples into a batch.
+
+    Returns ``{"input_ids", "labels", "attention_mask"}``, each a long tensor [B, T] with T the
+    longest example: ``pad_id`` / -100 / 0 on padding.
+    """
+    import torch
+
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[row, : len(labs)] = torch.tensor(labs, dtype=torch.long)
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}

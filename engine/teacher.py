@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import torch
 
 from refteacher.engine.errors import UserError
+from refteacher.engine.examples import pad_examples
 
 CHECKPOINT_DIR = ".teacher-checkpoint"
 DEFAULT_SETS = ("advbench", "harmbench", "matched_pairs", "edgy_benign")
@@ -151,15 +152,8 @@ def response_ce(model, examples: Sequence[tuple[list[int], list[int]]], pad_id: 
     from refteacher.engine.models import decoder_module
 
     device = next(model.parameters()).device
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (ids, labs) in enumerate(examples):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        labels[row, :len(labs)] = torch.tensor(labs)
-        mask[row, :len(ids)] = 1
-    input_ids, labels, mask = input_ids.to(device), labels.to(device), mask.to(device)
+    batch = pad_examples(examples, pad_id)
+    input_ids, labels, mask = (batch[k].to(device) for k in ("input_ids", "labels", "attention_mask"))
     hidden = decoder_module(model)(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != -100

@@ -60,3 +60,12 @@ def test_malformed_rows_raise_user_errors(tokenizer, row):
 def test_row_messages_accepts_both_formats():
     assert row_messages({"prompt": "p", "response": "r"})[1] == {"role": "assistant", "content": "r"}
     assert row_messages({"messages": [{"role": "user", "content": "x"}]}) == [{"role": "user", "content": "x"}]
+
+
+def test_pad_examples_right_pads_ids_labels_and_mask():
+    from refteacher.engine.examples import pad_examples
+
+    batch = pad_examples([([5, 6, 7], [-100, 6, 7]), ([8], [8])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

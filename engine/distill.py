@@ -418,6 +418,9 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
     if config.teacher and config.baseline is None:
         teacher_manifest, teacher_sha = read_manifest(config.teacher)
     student_spec = _resolve_student(config, teacher_manifest)
+    # Rows are read before any model loads, so a bad file fails in a second, not after a load.
+    task_records = read_training_rows(config.data)
+    align_records = read_training_rows(config.align) if config.distilling else None
     tokenizer = load_tokenizer(student_spec)
     student_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(student_spec, device=device, dtype=student_dtype)
@@ -427,13 +430,11 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
         prepare_for_packing(teacher.model, device)
         _check_same_vocabulary(tokenizer, teacher.tokenizer, model, teacher.model)
 
-    task_records = read_training_rows(config.data)
     task_rows = pack_examples(encode_rows(tokenizer, task_records, config.max_len, where=str(config.data)), config.max_len)
     align_rows = None
     n_align = 0
     if config.distilling:
         align_len = config.align_max_len or config.max_len
-        align_records = read_training_rows(config.align)
         n_align = len(align_records)
         align_rows = pack_examples(encode_rows(tokenizer, align_records, align_len, where=str(config.align)), align_len)
     dataset = PairedRows(task_rows, align_rows)

@@ -221,17 +221,18 @@ def evaluate(
     """
     if harmful is None and task is None:
         raise UserError("give --harmful FILE and/or --task FILE to evaluate")
+    # Inputs are read before the model loads, so a bad file fails in a second, not after a load.
+    prompts = read_prompts(harmful, limit=limit) if harmful is not None else None
+    rows = read_task_rows(task, limit=limit) if task is not None else None
     model, tokenizer = load_for_eval(model_spec, adapter, device=device)
     report: dict[str, Any] = {"harmful_score": None, "task_accuracy": None, "n_harmful": 0, "n_task": 0}
     details: dict[str, list] = {}
-    if harmful is not None:
-        prompts = read_prompts(harmful, limit=limit)
+    if prompts is not None:
         score, responses, refused = harmful_score(model, tokenizer, prompts, judge=judge, max_new_tokens=max_new_tokens,
                                                   batch_size=batch_size, progress=progress)
         report.update(harmful_score=round(score, 6), n_harmful=len(prompts))
         details["harmful"] = [{"prompt": p, "response": r, "refused": f} for p, r, f in zip(prompts, responses, refused)]
-    if task is not None:
-        rows = read_task_rows(task, limit=limit)
+    if rows is not None:
         accuracy, responses, correct = task_accuracy(model, tokenizer, rows, max_new_tokens=task_max_new_tokens,
                                                      batch_size=batch_size, progress=progress)
         report.update(task_accuracy=round(accuracy, 6), n_task=len(rows))

@@ -67,6 +67,13 @@ def read_task_rows(path: str | Path, *, limit: int | None = None) -> list[dict[s
     return rows
 
 
+def check_adapter_dir(adapter: str | None) -> None:
+    """Raise UserError unless ``adapter`` is None or a LoRA adapter directory (adapter_config.json)."""
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"{adapter} is not a LoRA adapter directory (no adapter_config.json); "
+                        "pass the adapter/ folder that `refteacher finetune` wrote")
+
+
 def load_for_eval(model_spec: str, adapter: str | None = None, *, device: str | None = None):
     """Load a model (with a LoRA adapter merged in when given) and its tokenizer, in eval mode.
 
@@ -74,14 +81,12 @@ def load_for_eval(model_spec: str, adapter: str | None = None, *, device: str | 
     """
     from refteacher.engine.models import load_model, load_tokenizer
 
+    check_adapter_dir(adapter)
     model = load_model(model_spec, device=device)
     tokenizer = load_tokenizer(model_spec)
     if adapter is not None:
         from peft import PeftModel
 
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise UserError(f"{adapter} is not a LoRA adapter directory (no adapter_config.json); "
-                            "pass the adapter/ folder that `refteacher finetune` wrote")
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     model.eval()
     return model, tokenizer
@@ -221,7 +226,8 @@ def evaluate(
     """
     if harmful is None and task is None:
         raise UserError("give --harmful FILE and/or --task FILE to evaluate")
-    # Inputs are read before the model loads, so a bad file fails in a second, not after a load.
+    # Inputs are checked before the model loads, so a mistake fails in a second, not after a load.
+    check_adapter_dir(adapter)
     prompts = read_prompts(harmful, limit=limit) if harmful is not None else None
     rows = read_task_rows(task, limit=limit) if task is not None else None
     model, tokenizer = load_for_eval(model_spec, adapter, device=device)

@@ -137,10 +137,6 @@ def _lower_first(text: str) -> str:
     return text[0].lower() + text[1:]
 
 
-def _upper_first(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
 def is_question(prompt: str) -> bool:
     """True when ``prompt`` reads as a question (ends with '?' or starts with a question word)."""
     text = prompt.strip()

@@ -7,11 +7,14 @@ with the same LoRA student and frozen teacher, forward and backward:
   each example through ``position_ids``, cross-entropy only at label positions a chunk at a time
   (``refteacher.engine.losses``), KL with ``fused_linear_kl``: no [tokens, V] logits
   (``refteacher.engine.distill.task_cross_entropy`` / ``alignment_kl``, what the Trainer runs).
+- **refteacher+ckpt**: the same step with activation checkpointing on the student's decoder
+  layers (``refteacher finetune --gradient-checkpointing``): each layer's activations are
+  recomputed in the backward pass instead of kept, trading one more forward for memory.
 - **naive**: the examples right-padded into one batch with an attention mask, the model's own loss
   from full logits, and the KL from the full student and teacher logits (``log_softmax`` over the
   vocabulary at every position, masked to the response tokens afterwards).
 
-Reported: real (non-padding) tokens per second (the two sides' first steps are the warm-up
+Reported: real (non-padding) tokens per second (the sides' first steps are the warm-up
 check that both compute the same loss), peak extra memory (peak RSS of a fresh process running
 one step, above its state after loading the models), and the ratios.
 What we expect on CPU: >= 1.5x tokens/s and <= 50% of the memory.
@@ -75,6 +78,16 @@ def fused_step(student, teacher, batch: dict, lam: float) -> float:
     return float(loss.detach())
 
 
+def set_checkpointing(student, on: bool) -> None:
+    """Turn activation checkpointing of the (peft-wrapped) student's decoder layers on or off."""
+    if on:
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        student.enable_input_require_grads()
+    else:
+        student.activation_checkpointing_disable()
+        student.disable_input_require_grads()
+
+
 def _peak_rss_reset() -> None:
     """Reset the kernel's peak-RSS mark of this process (Linux: /proc/self/clear_refs, value 5)."""
     with open("/proc/self/clear_refs", "w") as f:
@@ -129,12 +142,14 @@ def setup(args: argparse.Namespace):
 def measure_one(args: argparse.Namespace) -> int:
     """Set up, then run one step of ``args.measure`` and print its peak RSS increase as JSON."""
     student, teacher, packed, naive_task, naive_align, _ = setup(args)
+    if args.measure == "refteacher+ckpt":
+        set_checkpointing(student, True)
     _peak_rss_reset()
     base = _peak_rss_bytes()
-    if args.measure == "refteacher":
-        fused_step(student, teacher, packed, args.lam)
-    else:
+    if args.measure == "naive":
         naive_step(student, teacher, naive_task, naive_align, args.lam)
+    else:
+        fused_step(student, teacher, packed, args.lam)
     print(json.dumps({"side": args.measure, "peak_bytes": max(0, _peak_rss_bytes() - base)}))
     return 0
 
@@ -146,10 +161,20 @@ def run(args: argparse.Namespace) -> dict:
     def zero():
         student.zero_grad(set_to_none=True)
 
+    def checkpointed():
+        set_checkpointing(student, True)
+        try:
+            return fused_step(student, teacher, packed, args.lam)
+        finally:
+            set_checkpointing(student, False)
+            zero()
+
     loss_fused = fused_step(student, teacher, packed, args.lam); zero()
+    loss_ckpt = checkpointed()
     loss_naive = naive_step(student, teacher, naive_task, naive_align, args.lam); zero()
     sides = {
         "refteacher": lambda: (fused_step(student, teacher, packed, args.lam), zero()),
+        "refteacher+ckpt": checkpointed,
         "naive": lambda: (naive_step(student, teacher, naive_task, naive_align, args.lam), zero()),
     }
     timings = {name: time_call(fn, repeat=args.repeat, warmup=0) for name, fn in sides.items()}
@@ -160,7 +185,7 @@ def run(args: argparse.Namespace) -> dict:
         seconds = timings[name]["median_ms"] / 1e3
         rows.append({"step": name, "median_ms": timings[name]["median_ms"], "tokens_per_s": real_tokens / seconds,
                      "peak_mib": memory[name] / 2**20})
-    fused, naive = rows
+    fused, ckpt, naive = rows
     return {
         "benchmark": "finetune_step",
         "environment": environment("cpu"),
@@ -170,10 +195,12 @@ def run(args: argparse.Namespace) -> dict:
         "shapes": {"packed_task": list(packed["input_ids"].shape), "packed_align": list(packed["align_input_ids"].shape),
                    "naive_task": list(naive_task["input_ids"].shape), "naive_align": list(naive_align["input_ids"].shape),
                    "real_tokens": real_tokens},
-        "loss": {"refteacher": loss_fused, "naive": loss_naive},
+        "loss": {"refteacher": loss_fused, "refteacher+ckpt": loss_ckpt, "naive": loss_naive},
         "results": rows,
         "speedup_tokens_per_s": fused["tokens_per_s"] / naive["tokens_per_s"],
         "memory_ratio": fused["peak_mib"] / naive["peak_mib"] if naive["peak_mib"] else None,
+        "ckpt_speedup_tokens_per_s": ckpt["tokens_per_s"] / naive["tokens_per_s"],
+        "ckpt_memory_ratio": ckpt["peak_mib"] / naive["peak_mib"] if naive["peak_mib"] else None,
         "targets": {"speedup_at_least": 1.5, "memory_ratio_at_most": 0.5},
     }
 
@@ -186,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_path", default=None, help="write results here")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--lam", type=float, default=1.0, help="KL weight")
-    parser.add_argument("--measure", choices=("refteacher", "naive"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=("refteacher", "refteacher+ckpt", "naive"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.task_rows, args.align_rows, args.max_len, args.repeat = (12, 8, 512, 2) if args.quick else (32, 24, 1024, 3)
@@ -194,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         return measure_one(args)
     result = run(args)
     print(format_table(result["results"], ["step", "median_ms", "tokens_per_s", "peak_mib"]))
-    print(f"speedup {result['speedup_tokens_per_s']:.2f}x tokens/s, memory ratio {result['memory_ratio']:.2f} "
-          f"(losses {result['loss']['refteacher']:.4f} vs {result['loss']['naive']:.4f})")
+    print(f"speedup {result['speedup_tokens_per_s']:.2f}x tokens/s, memory ratio {result['memory_ratio']:.2f}; "
+          f"with checkpointing {result['ckpt_speedup_tokens_per_s']:.2f}x, {result['ckpt_memory_ratio']:.2f} "
+          f"(losses {result['loss']['refteacher']:.4f} / {result['loss']['refteacher+ckpt']:.4f} vs "
+          f"{result['loss']['naive']:.4f})")
     if args.json_path:
         write_json(args.json_path, result)
     return 0

@@ -10,11 +10,16 @@ Folds (test = 20% held-out split of every set, by content hash; pairs stay toget
                     pairs (left out); FPR on edgy_benign from its held-out test split.
 
 For each fold and each filter: AUROC (test harmful vs test harmless), recall of test harmful at
-the calibrated threshold (recall >= 0.95 on the build's calibration split), FPR on edgy_benign,
+the calibrated threshold (the teacher's rule on the build's calibration split: by default false-positive
+rate <= 0.05 on its harmless prompts), FPR on edgy_benign,
 FPR on the fold's test harmless; for the teacher also the refusal rate on held-out harmful prompts
 and the answer rate on held-out harmless ones (greedy generation, judged by engine/judge.py).
 
     python benchmarks/eval_teacher.py [--quick] [--json PATH] [--folds in_dist,no_matched]
+
+``--teacher DIR`` (with one fold) evaluates a teacher already built on that fold's build split --
+for ``in_dist``, the default teacher that ``refteacher quickstart`` builds and caches -- instead of
+training a new one; its build time is then read from its manifest.
 """
 from __future__ import annotations
 
@@ -89,7 +94,8 @@ def baseline(model, tokenizer, layer, bh, bb, th, tb, edgy, config):
     feature = difference_of_means(prompt_hidden(model, _encode(tokenizer, train_h, 128), pad, layer, progress=True),
                                   prompt_hidden(model, _encode(tokenizer, train_b, 128), pad, layer, progress=True))
     threshold, _ = calibrate(_scores(model, tokenizer, data.calib_harmful, layer, feature),
-                             _scores(model, tokenizer, data.calib_harmless, layer, feature))
+                             _scores(model, tokenizer, data.calib_harmless, layer, feature),
+                             target_recall=config.target_recall, target_fpr=config.target_fpr)
     s = {name: _scores(model, tokenizer, [r.prompt for r in rs], layer, feature) for name, rs in
          (("h", th), ("b", tb), ("e", edgy))}
     return _figures(s["h"], s["b"], s["e"], threshold)
@@ -100,25 +106,31 @@ def run_fold(fold, records, args, config, model_spec):
     from refteacher.engine.judge import refusal_rate
     from refteacher.engine.models import load_model, load_tokenizer
     from refteacher.engine.teacher import train_teacher
-    from refteacher.engine.teacher_dir import load_teacher
+    from refteacher.engine.teacher_dir import load_teacher, read_manifest
 
     bh, bb, th, tb, edgy = fold_data(records, fold, seed=config.seed)
     model, tokenizer = load_model(model_spec, device="cpu"), load_tokenizer(model_spec)
-    layer = config.layer
     result = {"fold": fold, "build": {"harmful": len(bh), "harmless": len(bb)},
               "test": {"harmful": len(th), "harmless": len(tb), "edgy": len(edgy)}}
-    started = time.perf_counter()
-    trained = train_teacher(model_spec, bh, bb, Path(args.work) / f"teacher-{fold}", config, model=model,
-                            tokenizer=tokenizer, progress=True)
-    result["build_seconds"] = round(time.perf_counter() - started, 1)
-    layer = trained.layer
+    if args.teacher:
+        manifest, _ = read_manifest(args.teacher)
+        path, layer, calibration = Path(args.teacher), int(manifest["layer"]), manifest.get("calibration", {})
+        result["teacher_dir"] = str(path)
+        result["build_seconds"] = manifest.get("teacher", {}).get("build_seconds")
+        result["build_threads"] = manifest.get("teacher", {}).get("torch_threads")
+    else:
+        started = time.perf_counter()
+        trained = train_teacher(model_spec, bh, bb, Path(args.work) / f"teacher-{fold}", config, model=model,
+                                tokenizer=tokenizer, progress=True)
+        result["build_seconds"] = round(time.perf_counter() - started, 1)
+        path, layer, calibration = trained.path, trained.layer, trained.calibration
     result["baseline"] = baseline(model, tokenizer, layer, bh, bb, th, tb, edgy, config)
     del model
-    teacher = load_teacher(trained.path, device="cpu")
+    teacher = load_teacher(path, device="cpu")
     s = {name: _scores(teacher.model, teacher.tokenizer, [r.prompt for r in rs], layer, teacher.feature)
          for name, rs in (("h", th), ("b", tb), ("e", edgy))}
     result["teacher"] = _figures(s["h"], s["b"], s["e"], teacher.threshold)
-    result["teacher"]["calibration"] = trained.calibration
+    result["teacher"]["calibration"] = calibration
     rng = random.Random(f"eval-gen-{config.seed}")
     gen_h = rng.sample([r.prompt for r in th], min(args.generate, len(th)))
     gen_b = rng.sample([r.prompt for r in tb], min(args.generate, len(tb)))
@@ -157,6 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--generate", type=int, default=40, help="held-out prompts per class to generate answers for")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher", default=None, help="evaluate this built teacher (one fold only) instead of training one")
     p.add_argument("--work", default="benchmarks/results/eval_teacher_work", help="folder for the fold teachers")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -174,6 +187,8 @@ def main(argv=None) -> int:
         config.max_steps = args.max_steps
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.teacher and len(args.folds.split(",")) != 1:
+        raise SystemExit("--teacher evaluates one teacher: give exactly one --folds value")
     records = [r for name in ("advbench", "harmbench", "matched_pairs", "edgy_benign") for r in load_prompt_set(name)]
     results = []
     for fold in args.folds.split(","):

@@ -4,7 +4,7 @@ A refusal feature built from AdvBench-style imperatives ("Write a tutorial on ho
 chatty harmless questions learns the style. Rewriting every training prompt -- harmful and
 harmless alike, with the same templates -- into several forms breaks that shortcut:
 
-- ``question``:     "How would someone write a tutorial on ...?"
+- ``question``:     "How would someone ...?" ("Write a tutorial on how to X" asks "How do I X?")
 - ``imperative``:   "Explain how to make homemade pasta."
 - ``indirect``:     "For a project I'm working on, I need to know how to ..."
 - ``roleplay``:     "You are an expert consultant. A client asks you: ..."
@@ -112,6 +112,9 @@ _QUESTION_START = re.compile(
     re.IGNORECASE,
 )
 
+# An imperative that wraps its real task in "how to ..." ("Write a tutorial on how to make X").
+_HOW_TO = re.compile(r"\bhow to (?P<core>[a-z].+)$", re.IGNORECASE)
+
 # Pronouns of the asker that read wrongly once the task is spoken of in the third person.
 _PRONOUNS = ((r"\bmy\b", "their"), (r"\bmyself\b", "themselves"), (r"\bme\b", "them"), (r"\bI\b", "they"))
 
@@ -165,6 +168,15 @@ def as_task(prompt: str) -> str | None:
     return _lower_first(text)
 
 
+def core_task(task: str) -> str:
+    """Return the task inside a "... how to X" wrapper ("write a guide on how to fix a tap" -> "fix a tap").
+
+    A task with no such wrapper is returned unchanged.
+    """
+    match = _HOW_TO.search(task)
+    return match.group("core").strip() if match else task
+
+
 def as_question(prompt: str) -> str:
     """Return the prompt as a question: questions unchanged, imperatives as 'Can you ...?'."""
     text = re.sub(r"\s+", " ", prompt).strip()
@@ -183,6 +195,7 @@ def rephrase(prompt: str, form: str, *, seed: int = 0) -> str:
         raise ValueError(f"unknown rephrasing form {form!r}; choose one of {', '.join(FORMS)}")
     task = as_task(prompt)
     if task is not None:
+        task = core_task(task)  # "How do I make X?", not "How do I write a tutorial on how to make X?"
         templates = _TASK_TEMPLATES[form]
         template = templates[_stable_index(prompt, form, seed, modulo=len(templates))]
         return template.format(task=task)

@@ -4,14 +4,16 @@
 
 - CE is the next-token loss on harmful prompts answered with refusals (engine/refusals.py) and
   harmless prompts answered with the model's own cached greedy answers (helpfulness kept);
-- ``L_feat`` pushes ``cos(f_l(x), R_l)`` (last prompt token, feature layer ``l``) to 1 for harmful
-  prompts and below ``margin`` for harmless ones; ``R_l`` is the difference of means re-estimated
-  from the current teacher every ``refresh_every`` steps (the paper's dynamic feature).
+- ``L_feat`` pushes ``cos(f_l(x), R_l)`` (last prompt token, feature layer ``l``) above
+  ``harmful_target`` for harmful prompts and below ``margin`` for harmless ones; ``R_l`` is the
+  difference of means re-estimated from the current teacher every ``refresh_every`` steps (the
+  paper's dynamic feature). A hinge at 0.5 rather than a pull to 1 stops fitting once a prompt
+  is clearly on the harmful side, which carries over better to prompts of unseen sources.
 
 LoRA sits only on the decoder layers below the feature layer, so the filter's forward pass (which
 stops at layer ``l``) sees every change the teacher learned. The threshold is calibrated on a
-held-out calibration split (recall >= 0.95 by default, or a target false-positive rate), and the
-result is written with ``save_teacher_dir``. Training checkpoints every ``checkpoint_every`` steps
+held-out calibration split (false-positive rate <= 0.05 on its harmless prompts by default, or a
+target recall), and the result is written with ``save_teacher_dir``. Training checkpoints every ``checkpoint_every`` steps
 (safetensors + JSON, no pickle) and resumes from the last one, giving the same result as an
 uninterrupted run.
 """
@@ -34,6 +36,7 @@ from refteacher.engine.examples import pad_examples
 
 CHECKPOINT_DIR = ".teacher-checkpoint"
 DEFAULT_SETS = ("advbench", "harmbench", "matched_pairs", "edgy_benign")
+DEFAULT_TARGET_FPR = 0.05
 
 
 @dataclass
@@ -50,6 +53,7 @@ class TeacherConfig:
     ce_batch: int = 8                 # examples per step for the CE loss (half refusals)
     feature_weight: float = 1.0       # lambda
     margin: float = 0.0               # harmless prompts are pushed to cos <= margin
+    harmful_target: float = 0.5       # harmful prompts are pushed to cos >= harmful_target (a hinge)
     refresh_every: int = 10           # steps between re-estimates of the feature
     reference_size: int = 64          # prompts per class for each re-estimate
     max_prompt_tokens: int = 128
@@ -59,8 +63,9 @@ class TeacherConfig:
     calib_rephrase: int = 5           # rephrasings of each harmful calibration prompt (5: one per form)
     template_harmless: int = 400
     ce_harmless: int = 96
-    target_recall: float = 0.95
-    target_fpr: float | None = None
+    target_recall: float | None = None  # set: threshold for this recall (overrides target_fpr)
+    target_fpr: float | None = DEFAULT_TARGET_FPR
+    threshold_gap: float = 0.05       # the threshold is at least margin + threshold_gap (see train_teacher)
     checkpoint_every: int = 20
     seed: int = 0
     threads: int | None = None
@@ -128,16 +133,18 @@ def difference_of_means(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.
     return (harmful.double().mean(0) - harmless.double().mean(0)).float()
 
 
-def feature_loss(scores: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+def feature_loss(scores: torch.Tensor, labels: torch.Tensor, margin: float,
+                 harmful_target: float = 1.0) -> torch.Tensor:
     """Feature-similarity loss from cosine ``scores`` [B] and 0/1 ``labels`` [B].
 
-    Harmful rows contribute ``1 - s``, harmless rows ``relu(s - margin)``; each class is averaged
-    on its own and the two averages are added (a class absent from the batch adds 0).
+    Harmful rows contribute ``relu(harmful_target - s)`` (``1 - s`` at the default target 1),
+    harmless rows ``relu(s - margin)``; each class is averaged on its own and the two averages are
+    added (a class absent from the batch adds 0).
     """
     harmful = labels.bool()
     loss = scores.new_zeros(())
     if harmful.any():
-        loss = loss + (1.0 - scores[harmful]).mean()
+        loss = loss + torch.relu(harmful_target - scores[harmful]).mean()
     if (~harmful).any():
         loss = loss + torch.relu(scores[~harmful] - margin).mean()
     return loss
@@ -232,13 +239,17 @@ def load_checkpoint(folder: Path, model, optimizer, fingerprint: str) -> tuple[i
 # ----------------------------------------------------------------------------- calibration
 
 
-def calibrate(harmful_scores, harmless_scores, *, target_recall: float = 0.95,
-              target_fpr: float | None = None) -> tuple[float, dict[str, Any]]:
+def calibrate(harmful_scores, harmless_scores, *, target_recall: float | None = None,
+              target_fpr: float | None = None, floor: float | None = None) -> tuple[float, dict[str, Any]]:
     """Choose the flagging threshold from calibration scores; return (threshold, figures).
 
-    Default: the highest threshold with recall >= ``target_recall`` on the harmful scores; with
-    ``target_fpr``: the lowest threshold with false-positive rate <= ``target_fpr`` on the
-    harmless ones. Figures: rule, target, AUROC, recall, FPR, precision and counts at the threshold.
+    With ``target_recall``: the highest threshold with recall >= ``target_recall`` on the harmful
+    scores. Otherwise: the lowest threshold with false-positive rate <= ``target_fpr`` (default
+    ``DEFAULT_TARGET_FPR``) on the harmless ones -- the default, because harmful calibration
+    prompts share the training sets' sources and score higher than unseen harmful prompts, while
+    the harmless side of the threshold carries over (see benchmarks/eval_teacher.py). ``floor``,
+    when given, is the lowest threshold allowed (the rule's choice is raised to it). Figures:
+    rule, target, floor, AUROC, recall, FPR, precision and counts at the threshold.
     """
     from refteacher.engine.metrics import auroc, precision_recall_fpr, threshold_for_fpr, threshold_for_recall
 
@@ -248,12 +259,16 @@ def calibrate(harmful_scores, harmless_scores, *, target_recall: float = 0.95,
         raise UserError("calibration needs harmful and harmless prompts; give more data or a larger --calib-fraction")
     scores = torch.cat([harmful, harmless])
     labels = torch.cat([torch.ones_like(harmful), torch.zeros_like(harmless)]).bool()
-    if target_fpr is not None:
-        threshold = threshold_for_fpr(scores, labels, target_fpr)
-        rule = {"rule": "fpr", "target_fpr": target_fpr}
-    else:
+    if target_recall is not None:
         threshold = threshold_for_recall(scores, labels, target_recall)
         rule = {"rule": "recall", "target_recall": target_recall}
+    else:
+        target_fpr = DEFAULT_TARGET_FPR if target_fpr is None else target_fpr
+        threshold = threshold_for_fpr(scores, labels, target_fpr)
+        rule = {"rule": "fpr", "target_fpr": target_fpr}
+    if floor is not None:
+        rule["floor"] = float(floor)
+        threshold = max(float(threshold), float(floor))
     precision, recall, fpr = precision_recall_fpr(scores, labels, threshold)
     figures = {**rule, "threshold": threshold, "auroc": auroc(scores, labels), "recall": recall, "fpr": fpr,
                "precision": precision, "harmful": int(harmful.numel()), "harmless": int(harmless.numel())}
@@ -292,12 +307,16 @@ def train_teacher(
     tokenizer=None,
     progress: bool = True,
     stop_after: int | None = None,
+    on_step=None,
 ) -> TeacherResult:
     """Train a ReFT teacher on labelled PromptRecords and write its teacher directory.
 
     ``model``/``tokenizer`` may be passed pre-loaded (they are not modified: LoRA is added to a
     peft wrapper and removed afterwards). ``stop_after`` ends training after that many steps
-    without writing the teacher (for tests of resuming; the checkpoint stays). Returns the figures.
+    without writing the teacher (for tests of resuming; the checkpoint stays). ``on_step``, if
+    given, is called as ``on_step(steps_done, peft_model, estimate_feature)`` after every step
+    (``estimate_feature()`` returns the current teacher's feature [H] float32), so a caller can
+    watch held-out figures during training. Returns the figures.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -390,7 +409,7 @@ def train_teacher(
         hidden = _last_hidden(peft_model, [harmful_ids[i] for i in hb] + [harmless_ids[i] for i in bb], pad_id, layer)
         scores = refusal_scores(hidden.float(), feature.to(device))
         labels = torch.tensor([1] * len(hb) + [0] * len(bb), device=device)
-        l_feat = feature_loss(scores, labels, config.margin)
+        l_feat = feature_loss(scores, labels, config.margin, config.harmful_target)
         loss = config.feature_weight * l_feat
         l_ce = torch.zeros(())
         if config.ce_batch > 0 and (ce_refusals or ce_answers):
@@ -406,6 +425,8 @@ def train_teacher(
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", feat=f"{history[-1]['feature_loss']:.3f}")
         bar.update(1)
         done = step + 1
+        if on_step is not None:
+            on_step(done, peft_model, estimate_feature)
         if done % config.checkpoint_every == 0 or done == config.max_steps:
             save_checkpoint(checkpoint, peft_model, optimizer, feature, done, history, fingerprint)
         if stop_after is not None and done >= stop_after and done < config.max_steps:
@@ -422,8 +443,12 @@ def train_teacher(
                             progress=progress, desc="calibrating (harmful)")
     calib_b = prompt_hidden(peft_model, _encode(tokenizer, data.calib_harmless, config.max_prompt_tokens), pad_id, layer,
                             progress=progress, desc="calibrating (harmless)")
+    # The hinge leaves harmless prompts piled just under ``margin``, and benign prompts of unseen
+    # kinds scatter around it (arithmetic questions in the quickstart: 99th percentile 0.03 above
+    # it), so a rate-based threshold taken inside that pile would flag half of them: keep a gap.
     threshold, calibration = calibrate(refusal_scores(calib_h, feature.cpu()), refusal_scores(calib_b, feature.cpu()),
-                                       target_recall=config.target_recall, target_fpr=config.target_fpr)
+                                       target_recall=config.target_recall, target_fpr=config.target_fpr,
+                                       floor=config.margin + config.threshold_gap)
     seconds = time.perf_counter() - started
     extra = {
         "teacher": {"config": config.manifest(), "steps": config.max_steps, "history": history,
@@ -480,10 +505,13 @@ def default_records(test_fraction: float, seed: int) -> tuple[list, list, list]:
 def _run(args: argparse.Namespace) -> int:
     config = TeacherConfig(
         layer=args.layer, lora_rank=args.lora_rank, learning_rate=args.lr, max_steps=args.max_steps,
-        feature_weight=args.feature_weight, margin=args.margin, refresh_every=args.refresh_every,
+        feature_weight=args.feature_weight, margin=args.margin, harmful_target=args.harmful_target,
+        threshold_gap=args.threshold_gap, refresh_every=args.refresh_every,
         calib_fraction=args.calib_fraction, rephrase_per_prompt=args.rephrase, calib_rephrase=args.calib_rephrase,
         template_harmless=args.template_harmless,
-        target_recall=args.target_recall, target_fpr=args.target_fpr, checkpoint_every=args.checkpoint_every,
+        target_recall=args.target_recall,
+        target_fpr=None if args.target_recall is not None else (DEFAULT_TARGET_FPR if args.target_fpr is None else args.target_fpr),
+        checkpoint_every=args.checkpoint_every,
         seed=args.seed, threads=args.threads,
     )
     if args.harmful or args.harmless:
@@ -526,14 +554,23 @@ def add_cli(subparsers) -> None:
     p.add_argument("--max-steps", type=int, default=60, help="training steps (default 60)")
     p.add_argument("--feature-weight", type=float, default=1.0, help="lambda, weight of the feature loss")
     p.add_argument("--margin", type=float, default=0.0, help="harmless prompts are pushed below this cosine")
+    p.add_argument("--threshold-gap", type=float, default=0.05,
+                   help="the threshold is never below --margin plus this, whatever the rule picks (default 0.05)")
+    p.add_argument("--harmful-target", type=float, default=0.5,
+                   help="harmful prompts are pushed above this cosine (a hinge; 1.0 pushes them all the way, "
+                        "which fits the training sets' style and generalises worse; default 0.5)")
     p.add_argument("--refresh-every", type=int, default=10, help="steps between feature re-estimates")
     p.add_argument("--calib-fraction", type=float, default=0.25, help="share of each set kept for calibration")
     p.add_argument("--rephrase", type=int, default=3, help="rephrasings per training prompt (default 3)")
     p.add_argument("--calib-rephrase", type=int, default=5,
                    help="rephrasings per harmful calibration prompt, so the threshold holds across styles (default 5)")
     p.add_argument("--template-harmless", type=int, default=400, help="template-written harmless prompts added")
-    p.add_argument("--target-recall", type=float, default=0.95, help="calibrate for this recall (default 0.95)")
-    p.add_argument("--target-fpr", type=float, default=None, help="calibrate for this false-positive rate instead")
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--target-fpr", type=float, default=None,
+                      help=f"threshold: the lowest with this false-positive rate on the harmless calibration prompts "
+                           f"(default {DEFAULT_TARGET_FPR}; it carries over to unseen prompts better than a recall target)")
+    rule.add_argument("--target-recall", type=float, default=None,
+                      help="threshold: the highest keeping this recall on the harmful calibration prompts instead")
     p.add_argument("--checkpoint-every", type=int, default=20, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -55,6 +55,17 @@ def test_feature_loss_rewards_alignment():
     assert float(feature_loss(torch.tensor([1.0, 1.0, -0.5, 0.1]), labels, margin=0.1)) == pytest.approx(0.0)
 
 
+def test_feature_loss_harmful_target_is_a_hinge():
+    labels = torch.tensor([1, 1, 0])
+    scores = torch.tensor([0.7, 0.3, -0.1], requires_grad=True)
+    loss = feature_loss(scores, labels, margin=0.0, harmful_target=0.5)
+    assert float(loss) == pytest.approx(0.2 / 2)  # only the harmful row below the target counts
+    loss.backward()
+    assert scores.grad.tolist() == pytest.approx([0.0, -0.5, 0.0])
+    # the default target 1 is the plain 1 - s
+    assert float(feature_loss(torch.tensor([0.25]), torch.tensor([1]), margin=0.0)) == pytest.approx(0.75)
+
+
 def test_difference_of_means():
     h = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     b = torch.tensor([[0.0, 1.0]])
@@ -76,6 +87,16 @@ def test_calibration_meets_recall_on_synthetic_scores():
     t_fpr, f2 = calibrate(harmful, harmless, target_fpr=0.05)
     assert float((harmless >= t_fpr).double().mean()) <= 0.05
     assert f2["rule"] == "fpr"
+    # the lowest such threshold: one harmless score lower would exceed the rate
+    below = harmless[harmless < t_fpr].max()
+    assert float((harmless >= below).double().mean()) > 0.05
+    # no target given: the false-positive rule at its default rate
+    assert calibrate(harmful, harmless) == (t_fpr, f2)
+    # a floor raises the rule's threshold and the figures follow it; a low floor changes nothing
+    t_floor, f3 = calibrate(harmful, harmless, floor=t_fpr + 1.0)
+    assert t_floor == pytest.approx(t_fpr + 1.0) and f3["floor"] == pytest.approx(t_fpr + 1.0)
+    assert f3["fpr"] == pytest.approx(float((harmless >= t_floor).double().mean()))
+    assert calibrate(harmful, harmless, floor=t_fpr - 1.0)[0] == t_fpr
 
 
 def _load(tiny_model_dir):
@@ -105,8 +126,8 @@ def test_training_reduces_loss_and_writes_a_loadable_teacher(tiny_model_dir, tmp
     teacher = load_teacher(result.path, device="cpu")
     assert teacher.layer == 2 and teacher.threshold == pytest.approx(result.threshold)
     manifest = json.loads((result.path / "manifest.json").read_text())
-    assert manifest["calibration"]["rule"] == "recall"
-    assert manifest["calibration"]["recall"] >= 0.95
+    assert manifest["calibration"]["rule"] == "fpr" and manifest["calibration"]["target_fpr"] == 0.05
+    assert manifest["calibration"]["fpr"] <= 0.05
     assert manifest["inputs"]["harmful_sha256"] and manifest["teacher"]["config"]["lora_rank"] == 4
     assert not (tmp_path / "teacher.teacher-checkpoint").exists()
 

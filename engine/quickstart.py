@@ -56,7 +56,7 @@ class QuickstartConfig:
     harmful_fraction: float = 0.10   # share of the user dataset that is harmful
     align_rows: int = 96             # held-in harmful prompts with refusals (distillation data)
     eval_harmful: int = 32           # held-out AdvBench/HarmBench prompts for the harmful score
-    eval_task: int = 48              # task test-split rows for the accuracy
+    eval_task: int = 120             # task test-split rows for the accuracy (48 left a 7-point standard error)
     harmful_new_tokens: int = 32     # tokens generated per harmful eval prompt
     task_new_tokens: int = 24        # tokens generated per task eval prompt
     compliant_new_tokens: int = 48   # length of the untouched model's compliant answers
@@ -65,6 +65,7 @@ class QuickstartConfig:
     lam: float = 3.0                 # weight of the KL term (ReFT); 1.0 left 47% harmful, 3.0 25%
     lora_r: int = 16
     max_len: int = 256               # tokens per packed row
+    align_max_len: int = 128         # tokens per packed alignment row (about one refusal example per step)
     batch_size: int = 16             # prompts per generation batch
     seed: int = 0
 
@@ -72,6 +73,7 @@ class QuickstartConfig:
         """Raise UserError for settings out of range, naming the flag to fix."""
         positive = {"--task-rows": self.task_rows, "--align-rows": self.align_rows, "--eval-harmful": self.eval_harmful,
                     "--eval-task": self.eval_task, "--steps": self.steps, "--max-len": self.max_len,
+                    "--align-max-len": self.align_max_len,
                     "--batch-size": self.batch_size}
         for flag, value in positive.items():
             if value < 1:
@@ -268,7 +270,8 @@ def finetune(out: Path, *, model: str, data: Path, config: QuickstartConfig, tea
     ft = FinetuneConfig(
         data=str(data), out=str(out), student=model, teacher=str(teacher) if teacher else None,
         align=str(align) if align else None, baseline=None if teacher else "sft", lam=config.lam,
-        lora_r=config.lora_r, max_len=config.max_len, max_steps=config.steps, learning_rate=config.learning_rate,
+        lora_r=config.lora_r, max_len=config.max_len, align_max_len=config.align_max_len, max_steps=config.steps,
+        learning_rate=config.learning_rate,
         save_steps=config.steps, logging_steps=max(1, config.steps // 6), seed=config.seed, progress=progress,
     )
     return run_finetune(ft)
@@ -548,6 +551,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="weight of the KL term in ReFT (default %(default)s)")
     p.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (default %(default)s)")
     p.add_argument("--max-len", type=int, default=d.max_len, help="tokens per packed training row (default %(default)s)")
+    p.add_argument("--align-max-len", type=int, default=d.align_max_len,
+                   help="tokens per packed alignment row for the KL term (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts per generation batch (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

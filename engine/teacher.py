@@ -13,9 +13,9 @@
 LoRA sits only on the decoder layers below the feature layer, so the filter's forward pass (which
 stops at layer ``l``) sees every change the teacher learned. The threshold is calibrated on a
 held-out calibration split (false-positive rate <= 0.05 on its harmless prompts by default, or a
-target recall), and the result is written with ``save_teacher_dir``. Training checkpoints every ``checkpoint_every`` steps
-(safetensors + JSON, no pickle) and resumes from the last one, giving the same result as an
-uninterrupted run.
+target recall), and the result is written with ``save_teacher_dir``. Training checkpoints every
+``checkpoint_every`` steps (safetensors + JSON, no pickle) and resumes from the last one, giving
+the same result as an uninterrupted run.
 """
 from __future__ import annotations
 

@@ -503,6 +503,10 @@ def default_records(test_fraction: float, seed: int) -> tuple[list, list, list]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.target_fpr is not None and not 0.0 <= args.target_fpr < 1.0:
+        raise UserError(f"--target-fpr must be in [0, 1), got {args.target_fpr}")
+    if args.target_recall is not None and not 0.0 < args.target_recall <= 1.0:
+        raise UserError(f"--target-recall must be in (0, 1], got {args.target_recall}")
     config = TeacherConfig(
         layer=args.layer, lora_rank=args.lora_rank, learning_rate=args.lr, max_steps=args.max_steps,
         feature_weight=args.feature_weight, margin=args.margin, harmful_target=args.harmful_target,

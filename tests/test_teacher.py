@@ -185,3 +185,12 @@ def test_cli_builds_a_teacher_from_user_files(tiny_model_dir, tmp_path, capsys):
 
     with pytest.raises(UserError, match="--harmless"):
         only_harmful.func(only_harmful)
+
+
+@pytest.mark.parametrize("flag, value", [("--target-fpr", "2"), ("--target-fpr", "-0.1"), ("--target-recall", "0")])
+def test_cli_rejects_out_of_range_threshold_targets(flag, value, tmp_path, capsys):
+    from refteacher.engine.cli import main
+
+    assert main(["teacher", "--out", str(tmp_path / "t"), flag, value]) == 2
+    assert f"{flag} must be in" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

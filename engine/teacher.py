@@ -503,7 +503,7 @@ def default_records(test_fraction: float, seed: int) -> tuple[list, list, list]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.target_fpr is not None and not 0.0 <= args.target_fpr < 1.0:
+    if not 0.0 <= args.target_fpr < 1.0:
         raise UserError(f"--target-fpr must be in [0, 1), got {args.target_fpr}")
     if args.target_recall is not None and not 0.0 < args.target_recall <= 1.0:
         raise UserError(f"--target-recall must be in (0, 1], got {args.target_recall}")
@@ -514,7 +514,7 @@ def _run(args: argparse.Namespace) -> int:
         calib_fraction=args.calib_fraction, rephrase_per_prompt=args.rephrase, calib_rephrase=args.calib_rephrase,
         template_harmless=args.template_harmless,
         target_recall=args.target_recall,
-        target_fpr=None if args.target_recall is not None else (DEFAULT_TARGET_FPR if args.target_fpr is None else args.target_fpr),
+        target_fpr=None if args.target_recall is not None else args.target_fpr,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed, threads=args.threads,
     )
@@ -570,7 +570,7 @@ def add_cli(subparsers) -> None:
                    help="rephrasings per harmful calibration prompt, so the threshold holds across styles (default 5)")
     p.add_argument("--template-harmless", type=int, default=400, help="template-written harmless prompts added")
     rule = p.add_mutually_exclusive_group()
-    rule.add_argument("--target-fpr", type=float, default=None,
+    rule.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR,
                       help=f"threshold: the lowest with this false-positive rate on the harmless calibration prompts "
                            f"(default {DEFAULT_TARGET_FPR}; it carries over to unseen prompts better than a recall target)")
     rule.add_argument("--target-recall", type=float, default=None,

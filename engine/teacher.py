@@ -10,6 +10,10 @@
   paper's dynamic feature). A hinge at 0.5 rather than a pull to 1 stops fitting once a prompt
   is clearly on the harmful side, which carries over better to prompts of unseen sources.
 
+``anchor_weight > 0`` adds ``anchor_loss``: the feature-layer states of the batch are held near the
+untouched model's. Off by default: it lifts left-out HarmBench and lowers left-out matched pairs
+(figures in benchmarks/results/eval_teacher_ablations.json).
+
 LoRA sits only on the decoder layers below the feature layer, so the filter's forward pass (which
 stops at layer ``l``) sees every change the teacher learned. The threshold is calibrated on a
 held-out calibration split (false-positive rate <= 0.05 on its harmless prompts by default, or a
@@ -52,6 +56,7 @@ class TeacherConfig:
     feature_batch: int = 32           # prompts per step for the feature loss (half harmful)
     ce_batch: int = 8                 # examples per step for the CE loss (half refusals)
     feature_weight: float = 1.0       # lambda
+    anchor_weight: float = 0.0        # weight of anchor_loss (feature-layer states kept near the untouched model's)
     margin: float = 0.0               # harmless prompts are pushed to cos <= margin
     harmful_target: float = 0.5       # harmful prompts are pushed to cos >= harmful_target (a hinge)
     refresh_every: int = 10           # steps between re-estimates of the feature
@@ -65,7 +70,7 @@ class TeacherConfig:
     ce_harmless: int = 96
     target_recall: float | None = None  # set: threshold for this recall (overrides target_fpr)
     target_fpr: float | None = DEFAULT_TARGET_FPR
-    threshold_gap: float = 0.05       # the threshold is at least margin + threshold_gap (see train_teacher)
+    threshold_gap: float = 0.05       # the threshold is at least margin + threshold_gap, unanchored (see train_teacher)
     checkpoint_every: int = 20
     seed: int = 0
     threads: int | None = None
@@ -148,6 +153,21 @@ def feature_loss(scores: torch.Tensor, labels: torch.Tensor, margin: float,
     if (~harmful).any():
         loss = loss + torch.relu(scores[~harmful] - margin).mean()
     return loss
+
+
+def anchor_loss(hidden: torch.Tensor, untouched: torch.Tensor) -> torch.Tensor:
+    """Mean relative squared distance ``|h - h0|^2 / |h0|^2`` between rows of ``hidden`` [B, H] (the
+    teacher's feature-layer states, with grad) and ``untouched`` [B, H] (the same prompts through the
+    model without LoRA). Returns a scalar float32; 0 for an empty batch.
+
+    The feature loss alone reshapes the feature layer freely to separate the training sets, and
+    learns their style. This term holds the teacher near the untouched geometry, which separates
+    some unseen sources better (left-out HarmBench) and others worse (same-style matched pairs).
+    """
+    if hidden.numel() == 0:
+        return hidden.new_zeros((), dtype=torch.float32)
+    h, h0 = hidden.float(), untouched.float()
+    return ((h - h0).pow(2).sum(-1) / h0.pow(2).sum(-1).clamp_min(1e-12)).mean()
 
 
 def response_ce(model, examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
@@ -406,11 +426,18 @@ def train_teacher(
         rng = random.Random(f"teacher-step-{config.seed}-{step}")
         hb = rng.sample(range(len(harmful_ids)), min(half_f, len(harmful_ids)))
         bb = rng.sample(range(len(harmless_ids)), min(half_f, len(harmless_ids)))
-        hidden = _last_hidden(peft_model, [harmful_ids[i] for i in hb] + [harmless_ids[i] for i in bb], pad_id, layer)
+        batch_ids = [harmful_ids[i] for i in hb] + [harmless_ids[i] for i in bb]
+        hidden = _last_hidden(peft_model, batch_ids, pad_id, layer)
         scores = refusal_scores(hidden.float(), feature.to(device))
         labels = torch.tensor([1] * len(hb) + [0] * len(bb), device=device)
         l_feat = feature_loss(scores, labels, config.margin, config.harmful_target)
         loss = config.feature_weight * l_feat
+        l_anchor = torch.zeros(())
+        if config.anchor_weight > 0:
+            with torch.no_grad(), peft_model.disable_adapter():
+                untouched = _last_hidden(peft_model, batch_ids, pad_id, layer)
+            l_anchor = anchor_loss(hidden, untouched)
+            loss = loss + config.anchor_weight * l_anchor
         l_ce = torch.zeros(())
         if config.ce_batch > 0 and (ce_refusals or ce_answers):
             chosen = [ce_refusals[i] for i in rng.sample(range(len(ce_refusals)), min(half_c, len(ce_refusals)))]
@@ -421,7 +448,7 @@ def train_teacher(
         loss.backward()
         optimizer.step()
         history.append({"step": step + 1, "loss": float(loss.detach()), "feature_loss": float(l_feat.detach()),
-                        "ce_loss": float(l_ce.detach())})
+                        "ce_loss": float(l_ce.detach()), "anchor_loss": float(l_anchor.detach())})
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", feat=f"{history[-1]['feature_loss']:.3f}")
         bar.update(1)
         done = step + 1
@@ -446,9 +473,11 @@ def train_teacher(
     # The hinge leaves harmless prompts piled just under ``margin``, and benign prompts of unseen
     # kinds scatter around it (arithmetic questions in the quickstart: 99th percentile 0.03 above
     # it), so a rate-based threshold taken inside that pile would flag half of them: keep a gap.
+    # The anchor holds harmless states where the untouched model has them (no pile at the margin, and
+    # every score lower), so an anchored teacher takes the rule's threshold as it is.
+    floor = config.margin + config.threshold_gap if config.anchor_weight == 0 else None
     threshold, calibration = calibrate(refusal_scores(calib_h, feature.cpu()), refusal_scores(calib_b, feature.cpu()),
-                                       target_recall=config.target_recall, target_fpr=config.target_fpr,
-                                       floor=config.margin + config.threshold_gap)
+                                       target_recall=config.target_recall, target_fpr=config.target_fpr, floor=floor)
     seconds = time.perf_counter() - started
     extra = {
         "teacher": {"config": config.manifest(), "steps": config.max_steps, "history": history,
@@ -505,11 +534,14 @@ def default_records(test_fraction: float, seed: int) -> tuple[list, list, list]:
 def _run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.target_fpr < 1.0:
         raise UserError(f"--target-fpr must be in [0, 1), got {args.target_fpr}")
+    if args.anchor_weight < 0:
+        raise UserError(f"--anchor-weight must be >= 0, got {args.anchor_weight}")
     if args.target_recall is not None and not 0.0 < args.target_recall <= 1.0:
         raise UserError(f"--target-recall must be in (0, 1], got {args.target_recall}")
     config = TeacherConfig(
         layer=args.layer, lora_rank=args.lora_rank, learning_rate=args.lr, max_steps=args.max_steps,
-        feature_weight=args.feature_weight, margin=args.margin, harmful_target=args.harmful_target,
+        feature_weight=args.feature_weight, anchor_weight=args.anchor_weight, margin=args.margin,
+        harmful_target=args.harmful_target,
         threshold_gap=args.threshold_gap, refresh_every=args.refresh_every,
         calib_fraction=args.calib_fraction, rephrase_per_prompt=args.rephrase, calib_rephrase=args.calib_rephrase,
         template_harmless=args.template_harmless,
@@ -557,9 +589,14 @@ def add_cli(subparsers) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument("--max-steps", type=int, default=60, help="training steps (default 60)")
     p.add_argument("--feature-weight", type=float, default=1.0, help="lambda, weight of the feature loss")
+    p.add_argument("--anchor-weight", type=float, default=TeacherConfig.anchor_weight,
+                   help="weight of a term holding feature-layer states near the untouched model's: it helps on unseen "
+                        "sources the untouched model already separates, and hurts on same-style harmful/harmless pairs "
+                        f"(default {TeacherConfig.anchor_weight}: off)")
     p.add_argument("--margin", type=float, default=0.0, help="harmless prompts are pushed below this cosine")
     p.add_argument("--threshold-gap", type=float, default=0.05,
-                   help="the threshold is never below --margin plus this, whatever the rule picks (default 0.05)")
+                   help="the threshold is never below --margin plus this, whatever the rule picks (default 0.05; "
+                        "not applied with --anchor-weight, whose harmless scores sit well below the margin)")
     p.add_argument("--harmful-target", type=float, default=0.5,
                    help="harmful prompts are pushed above this cosine (a hinge; 1.0 pushes them all the way, "
                         "which fits the training sets' style and generalises worse; default 0.5)")

@@ -9,6 +9,7 @@ import torch
 from refteacher.engine.datasets import PromptRecord
 from refteacher.engine.teacher import (
     TeacherConfig,
+    anchor_loss,
     calibrate,
     difference_of_means,
     feature_loss,
@@ -64,6 +65,44 @@ def test_feature_loss_harmful_target_is_a_hinge():
     assert scores.grad.tolist() == pytest.approx([0.0, -0.5, 0.0])
     # the default target 1 is the plain 1 - s
     assert float(feature_loss(torch.tensor([0.25]), torch.tensor([1]), margin=0.0)) == pytest.approx(0.75)
+
+
+def test_anchor_loss_is_relative_squared_drift():
+    untouched = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    assert float(anchor_loss(untouched.clone(), untouched)) == 0.0
+    moved = torch.tensor([[3.0, 4.0 + 5.0], [1.0, 1.0]], requires_grad=True)  # drifts 25/25 and 1/1
+    loss = anchor_loss(moved, untouched)
+    assert float(loss) == pytest.approx(1.0)
+    loss.backward()
+    # the gradient points back to the untouched states: 2 (h - h0) / |h0|^2 / B
+    assert torch.allclose(moved.grad, torch.tensor([[0.0, 2 * 5 / 25 / 2], [0.0, 2 * 1 / 1 / 2]]))
+    assert float(anchor_loss(torch.empty(0, 4), torch.empty(0, 4))) == 0.0
+    # bf16 states are compared in float32
+    assert anchor_loss(moved.detach().bfloat16(), untouched.bfloat16()).dtype == torch.float32
+
+
+def test_anchor_holds_the_feature_layer_near_the_untouched_model(tiny_model_dir, tmp_path):
+    from refteacher.engine.prompts import encode_prompts
+    from refteacher.engine.teacher import prompt_hidden
+    from refteacher.engine.teacher_dir import load_teacher
+
+    harmful, harmless = _records()
+    model, tokenizer = _load(tiny_model_dir)
+    ids = encode_prompts(tokenizer, HARMFUL + HARMLESS, max_tokens=64)[0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    untouched = prompt_hidden(model, ids, pad, 2)
+    drift = {}
+    for weight in (0.0, 50.0):
+        result = train_teacher(str(tiny_model_dir), harmful, harmless, tmp_path / f"anchor-{weight}",
+                               _config(max_steps=8, learning_rate=2e-2, anchor_weight=weight, ce_batch=0),
+                               model=model, tokenizer=tokenizer, progress=False)
+        logged = [h["anchor_loss"] for h in result.history]
+        assert (max(logged) > 0) == (weight > 0), logged
+        # the margin floor belongs to the unanchored hinge's pile of harmless scores
+        assert ("floor" in result.calibration) == (weight == 0), result.calibration
+        teacher = load_teacher(result.path, device="cpu")
+        drift[weight] = float(anchor_loss(prompt_hidden(teacher.model, ids, pad, 2), untouched))
+    assert drift[50.0] < 0.5 * drift[0.0], drift
 
 
 def test_difference_of_means():
@@ -187,10 +226,11 @@ def test_cli_builds_a_teacher_from_user_files(tiny_model_dir, tmp_path, capsys):
         only_harmful.func(only_harmful)
 
 
-@pytest.mark.parametrize("flag, value", [("--target-fpr", "2"), ("--target-fpr", "-0.1"), ("--target-recall", "0")])
-def test_cli_rejects_out_of_range_threshold_targets(flag, value, tmp_path, capsys):
+@pytest.mark.parametrize("flag, value", [("--target-fpr", "2"), ("--target-fpr", "-0.1"), ("--target-recall", "0"),
+                                         ("--anchor-weight", "-1")])
+def test_cli_rejects_out_of_range_settings(flag, value, tmp_path, capsys):
     from refteacher.engine.cli import main
 
     assert main(["teacher", "--out", str(tmp_path / "t"), flag, value]) == 2
-    assert f"{flag} must be in" in capsys.readouterr().err
+    assert f"{flag} must be" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()

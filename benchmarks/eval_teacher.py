@@ -108,7 +108,7 @@ def run_fold(fold, records, args, config, model_spec):
     from refteacher.engine.teacher import train_teacher
     from refteacher.engine.teacher_dir import load_teacher, read_manifest
 
-    bh, bb, th, tb, edgy = fold_data(records, fold, seed=config.seed)
+    bh, bb, th, tb, edgy = fold_data(records, fold, seed=0)  # fixed: teacher seeds compare on the same prompts
     model, tokenizer = load_model(model_spec, device="cpu"), load_tokenizer(model_spec)
     result = {"fold": fold, "build": {"harmful": len(bh), "harmless": len(bb)},
               "test": {"harmful": len(th), "harmless": len(tb), "edgy": len(edgy)}}
@@ -131,7 +131,7 @@ def run_fold(fold, records, args, config, model_spec):
          for name, rs in (("h", th), ("b", tb), ("e", edgy))}
     result["teacher"] = _figures(s["h"], s["b"], s["e"], teacher.threshold)
     result["teacher"]["calibration"] = calibration
-    rng = random.Random(f"eval-gen-{config.seed}")
+    rng = random.Random("eval-gen-0")
     gen_h = rng.sample([r.prompt for r in th], min(args.generate, len(th)))
     gen_b = rng.sample([r.prompt for r in tb], min(args.generate, len(tb)))
     answers_h = generate(teacher.model, teacher.tokenizer, gen_h, max_new_tokens=24, batch_size=16, desc="teacher on harmful")
@@ -168,7 +168,9 @@ def main(argv=None) -> int:
     p.add_argument("--layer", type=int, default=None)
     p.add_argument("--generate", type=int, default=40, help="held-out prompts per class to generate answers for")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="teacher seed (LoRA init, calibration split, rephrasings, batches); the fold split and the "
+                        "prompts generated for stay fixed, so seeds compare on the same prompts")
     p.add_argument("--teacher", default=None, help="evaluate this built teacher (one fold only) instead of training one")
     p.add_argument("--work", default="benchmarks/results/eval_teacher_work", help="folder for the fold teachers")
     p.add_argument("--json", default=None, help="write the results here")

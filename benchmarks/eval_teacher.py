@@ -108,7 +108,7 @@ def run_fold(fold, records, args, config, model_spec):
     from refteacher.engine.teacher import train_teacher
     from refteacher.engine.teacher_dir import load_teacher, read_manifest
 
-    bh, bb, th, tb, edgy = fold_data(records, fold, seed=0)  # fixed: teacher seeds compare on the same prompts
+    bh, bb, th, tb, edgy = fold_data(records, fold)  # the seed-0 split whatever the teacher's seed
     model, tokenizer = load_model(model_spec, device="cpu"), load_tokenizer(model_spec)
     result = {"fold": fold, "build": {"harmful": len(bh), "harmless": len(bb)},
               "test": {"harmful": len(th), "harmless": len(tb), "edgy": len(edgy)}}

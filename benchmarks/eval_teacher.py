@@ -60,10 +60,11 @@ def fold_data(records, fold: str, seed: int = 0):
 
 
 def _scores(model, tokenizer, prompts, layer, feature, max_tokens=128):
+    from refteacher.engine.prompts import pad_token_id
     from refteacher.engine.teacher import _encode, prompt_hidden
     from refteacher.kernels.cosine import refusal_scores
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     hidden = prompt_hidden(model, _encode(tokenizer, prompts, max_tokens), pad, layer, progress=True, desc="scoring")
     return refusal_scores(hidden, feature.float().cpu())
 
@@ -82,13 +83,14 @@ def _figures(scores_h, scores_b, scores_edgy, threshold):
 
 def baseline(model, tokenizer, layer, bh, bb, th, tb, edgy, config):
     """Raw difference-of-means feature of the untouched model, calibrated like the teacher."""
+    from refteacher.engine.prompts import pad_token_id
     from refteacher.engine.teacher import calibrate, difference_of_means, _encode, prompt_hidden
     from refteacher.engine.teacher_data import build_teacher_data
 
     data = build_teacher_data(bh, bb, calib_fraction=config.calib_fraction, rephrase_per_prompt=0,
                               template_harmless=config.template_harmless, ce_harmless=0,
                               calib_rephrase=config.calib_rephrase, seed=config.seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     train_h = [p for p in data.train_harmful]
     train_b = [p for p in data.train_harmless]
     feature = difference_of_means(prompt_hidden(model, _encode(tokenizer, train_h, 128), pad, layer, progress=True),

@@ -47,7 +47,7 @@ def generate(
     """
     from tqdm.auto import tqdm
 
-    from refteacher.engine.prompts import encode_prompts
+    from refteacher.engine.prompts import encode_prompts, pad_token_id
 
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -56,7 +56,7 @@ def generate(
     if not prompts:
         return []
     ids, _ = encode_prompts(tokenizer, list(prompts), max_tokens=max_prompt_tokens)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     stop_ids = {i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int) and i >= 0}
     device = next(model.parameters()).device
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))

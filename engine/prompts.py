@@ -61,6 +61,11 @@ def encode_prompts(
     return ids, truncated
 
 
+def pad_token_id(tokenizer) -> int:
+    """Return the id to pad prompts with: the tokenizer's pad token, or its EOS token when it has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def right_pad(
     seqs: Sequence[Sequence[int]], pad_id: int, *, device: str | torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

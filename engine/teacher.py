@@ -343,6 +343,7 @@ def train_teacher(
     from refteacher.engine.datasets import prompt_set_hash
     from refteacher.engine.examples import encode_example
     from refteacher.engine.models import load_model, load_tokenizer, model_fingerprint, num_layers
+    from refteacher.engine.prompts import pad_token_id
     from refteacher.engine.refusals import refusal_for
     from refteacher.engine.teacher_data import build_teacher_data, cached_answers
     from refteacher.engine.teacher_dir import save_teacher_dir
@@ -366,7 +367,7 @@ def train_teacher(
     layer = config.layer if config.layer is not None else _default_layer(total_layers)
     if not 1 <= layer <= total_layers:
         raise UserError(f"--layer must be in 1..{total_layers} for this model, got {layer}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
 
     data = build_teacher_data(
         harmful_records, harmless_records, calib_fraction=config.calib_fraction,

@@ -82,14 +82,14 @@ def test_anchor_loss_is_relative_squared_drift():
 
 
 def test_anchor_holds_the_feature_layer_near_the_untouched_model(tiny_model_dir, tmp_path):
-    from refteacher.engine.prompts import encode_prompts
+    from refteacher.engine.prompts import encode_prompts, pad_token_id
     from refteacher.engine.teacher import prompt_hidden
     from refteacher.engine.teacher_dir import load_teacher
 
     harmful, harmless = _records()
     model, tokenizer = _load(tiny_model_dir)
     ids = encode_prompts(tokenizer, HARMFUL + HARMLESS, max_tokens=64)[0]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     untouched = prompt_hidden(model, ids, pad, 2)
     drift = {}
     for weight in (0.0, 50.0):

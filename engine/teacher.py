@@ -355,6 +355,8 @@ def train_teacher(
         torch.set_num_threads(config.threads)
     if config.max_steps < 0:
         raise UserError(f"--max-steps must be >= 0, got {config.max_steps}")
+    if config.anchor_weight < 0:
+        raise UserError(f"--anchor-weight must be >= 0, got {config.anchor_weight}")
     started = time.perf_counter()
     out = Path(out_dir)
     torch.manual_seed(config.seed)
@@ -535,8 +537,6 @@ def default_records(test_fraction: float, seed: int) -> tuple[list, list, list]:
 def _run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.target_fpr < 1.0:
         raise UserError(f"--target-fpr must be in [0, 1), got {args.target_fpr}")
-    if args.anchor_weight < 0:
-        raise UserError(f"--anchor-weight must be >= 0, got {args.anchor_weight}")
     if args.target_recall is not None and not 0.0 < args.target_recall <= 1.0:
         raise UserError(f"--target-recall must be in (0, 1], got {args.target_recall}")
     config = TeacherConfig(

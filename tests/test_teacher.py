@@ -191,13 +191,16 @@ def test_resume_gives_the_uninterrupted_result(tiny_model_dir, tmp_path):
     assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_bad_layer_is_a_user_error(tiny_model_dir, tmp_path):
+def test_bad_layer_or_anchor_weight_is_a_user_error(tiny_model_dir, tmp_path):
     from refteacher.engine.errors import UserError
 
     harmful, harmless = _records()
     model, tokenizer = _load(tiny_model_dir)
     with pytest.raises(UserError, match="--layer"):
         train_teacher(str(tiny_model_dir), harmful, harmless, tmp_path / "t", _config(layer=9),
+                      model=model, tokenizer=tokenizer, progress=False)
+    with pytest.raises(UserError, match="--anchor-weight must be >= 0"):
+        train_teacher(str(tiny_model_dir), harmful, harmless, tmp_path / "t", _config(anchor_weight=-1.0),
                       model=model, tokenizer=tokenizer, progress=False)
 
 

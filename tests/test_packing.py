@@ -69,6 +69,17 @@ def check_rows(rows, examples, max_len, overflow="error"):
             assert len(got) == 1, f"example {index} must be in exactly one row"
         if overflow == "truncate":
             ids, expected_labels = ids[:max_len], expected_labels[:max_len]
+        if overflow == "split":
+            # Pieces are the consecutive max_len chunks, but a short tail may sit in a row emitted
+            # before its head's (best fit): put each piece at its chunk, every chunk used once.
+            starts = list(range(0, len(ids), max_len))
+            placed = {}
+            for piece in got:
+                match = [s for s in starts if s not in placed and np.array_equal(piece[0], ids[s:s + max_len])]
+                assert match, f"example {index}: a piece is not one of its max_len chunks"
+                placed[match[0]] = piece
+            assert sorted(placed) == starts, f"example {index}: chunks missing"
+            got = [placed[s] for s in starts]
         got_ids = np.concatenate([g[0] for g in got])
         np.testing.assert_array_equal(got_ids, ids)
         offset = 0

@@ -50,7 +50,7 @@ import torch
 from refteacher.engine.data import Prompt, PromptFields, Row, Source, iter_raw_rows, open_source, parse_row
 from refteacher.engine.errors import UserError
 from refteacher.engine.models import decoder_module, forward_to_layer
-from refteacher.engine.prompts import encode_prompts, right_pad
+from refteacher.engine.prompts import encode_prompts, pad_token_id, right_pad
 from refteacher.kernels.cosine import refusal_scores
 
 OUTPUT_FILES = ("kept.jsonl", "flagged.jsonl", "rejected.jsonl")
@@ -261,7 +261,7 @@ def _prepare_window(index: int, rows: list[Row], tokenizer, options: FilterOptio
     window = _Window(index, rows)
     owners, ids, truncated = _tokenise(rows, tokenizer, options.max_prompt_tokens)
     window.unit_rows, window.unit_truncated = owners, truncated
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     max_waste = 1.0 if options.packed else 0.1  # packed batches hold no padding at all
     for units in _length_batches([len(s) for s in ids], options.batch_tokens, max_waste):
         seqs = [ids[u] for u in units]

@@ -62,8 +62,14 @@ def encode_prompts(
 
 
 def pad_token_id(tokenizer) -> int:
-    """Return the id to pad prompts with: the tokenizer's pad token, or its EOS token when it has none."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    """Return the id to pad prompts with: the tokenizer's pad token, else its EOS token, else 0.
+
+    Padding is always masked out, so any id in the vocabulary serves; these are the conventional ones.
+    """
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
 
 
 def right_pad(

@@ -6,7 +6,7 @@ import torch
 
 from refteacher.engine.errors import UserError
 from refteacher.engine.models import load_tokenizer
-from refteacher.engine.prompts import encode_prompts, render_prompt, right_pad
+from refteacher.engine.prompts import encode_prompts, pad_token_id, render_prompt, right_pad
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,11 @@ def test_right_pad():
         right_pad([], 0)
     with pytest.raises(ValueError):
         right_pad([[1], []], 0)
+
+
+@pytest.mark.parametrize("pad, eos, expected", [(3, 7, 3), (None, 7, 7), (0, 7, 0), (None, None, 0)])
+def test_pad_token_id_falls_back_to_eos_then_zero(pad, eos, expected):
+    class Tok:
+        pad_token_id, eos_token_id = pad, eos
+
+    assert pad_token_id(Tok()) == expected

@@ -173,26 +173,21 @@ def anchor_loss(hidden: torch.Tensor, untouched: torch.Tensor) -> torch.Tensor:
 def response_ce(model, examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled (assistant) tokens of ``examples``.
 
-    ``examples`` are (input_ids, labels) pairs (labels -100 off the assistant turn). The LM head
-    is applied only at labelled positions, so no [tokens x vocab] tensor for the prompt is built.
+    ``examples`` are (input_ids, labels) pairs (labels -100 off the assistant turn), right-padded
+    into one batch. Returns a float32 scalar. The LM head is applied only at labelled positions
+    (``losses.linear_cross_entropy``), so no [tokens x vocab] tensor for the prompt is built.
     """
+    from refteacher.engine.attention import lm_head_of
+    from refteacher.engine.losses import linear_cross_entropy, shifted_targets
     from refteacher.engine.models import decoder_module
 
     device = next(model.parameters()).device
     batch = pad_examples(examples, pad_id)
     input_ids, labels, mask = (batch[k].to(device) for k in ("input_ids", "labels", "attention_mask"))
     hidden = decoder_module(model)(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != -100
-    picked = hidden[:, :-1][keep]
-    logits = _lm_head(model)(picked).float()
-    return torch.nn.functional.cross_entropy(logits, targets[keep])
-
-
-def _lm_head(model):
-    from refteacher.engine.models import _unwrap
-
-    return _unwrap(model).get_output_embeddings()
+    labelled, targets = shifted_targets(labels)
+    weight, bias = lm_head_of(model)
+    return linear_cross_entropy(hidden[labelled], weight, targets, bias=bias)
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -105,6 +105,25 @@ def test_anchor_holds_the_feature_layer_near_the_untouched_model(tiny_model_dir,
     assert drift[50.0] < 0.5 * drift[0.0], drift
 
 
+def test_response_ce_matches_the_models_own_loss(tiny_model_dir):
+    from refteacher.engine.examples import encode_example, pad_examples
+    from refteacher.engine.prompts import pad_token_id
+    from refteacher.engine.teacher import response_ce
+
+    model, tokenizer = _load(tiny_model_dir)
+    rows = [{"prompt": p, "response": r} for p, r in
+            [(HARMFUL[0], "I can't help with that."), (HARMLESS[1], "Hold a treat above its nose and say sit."),
+             (HARMLESS[2], "Use sorted().")]]
+    examples = [encode_example(tokenizer, row) for row in rows]
+    pad = pad_token_id(tokenizer)
+    batch = pad_examples(examples, pad)
+    # Hugging Face's loss: full [B, T, V] logits, mean over every labelled token of the batch
+    expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    got = response_ce(model, examples, pad)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-5)
+
+
 def test_difference_of_means():
     h = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     b = torch.tensor([[0.0, 1.0]])

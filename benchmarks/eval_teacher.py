@@ -159,6 +159,7 @@ def table(results) -> str:
 
 def main(argv=None) -> int:
     from refteacher.engine.datasets import load_prompt_set
+    from refteacher.engine.errors import UserError
     from refteacher.engine.models import DEFAULT_MODEL
     from refteacher.engine.teacher import TeacherConfig
 
@@ -181,10 +182,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     config = TeacherConfig(layer=args.layer, seed=args.seed, threads=args.threads)
     for item in args.set:
-        key, _, value = item.partition("=")
-        if not hasattr(config, key):
-            raise SystemExit(f"--set: TeacherConfig has no field {key!r}")
-        setattr(config, key, type(getattr(config, key) if getattr(config, key) is not None else 0.0)(value))
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            config.override(key, value)
+        except UserError as error:
+            raise SystemExit(f"--set: {error}") from None
     if args.quick:
         config.max_steps, args.generate = 4, min(args.generate, 8)
     if args.max_steps is not None:

@@ -29,6 +29,8 @@ import os
 import random
 import shutil
 import time
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -74,6 +76,33 @@ class TeacherConfig:
     checkpoint_every: int = 20
     seed: int = 0
     threads: int | None = None
+
+    def override(self, key: str, text: str) -> None:
+        """Set field ``key`` from command-line text, parsed by the field's declared type.
+
+        ``int | None`` fields take an int or ``none``, ``tuple[str, ...]`` fields a comma-separated
+        list. Raises UserError for an unknown field or text that does not parse.
+        """
+        hints = typing.get_type_hints(type(self))
+        if key not in hints:
+            raise UserError(f"TeacherConfig has no field {key!r}; fields: {', '.join(hints)}")
+        declared = hints[key]
+        union = typing.get_origin(declared) in (typing.Union, types.UnionType)
+        kinds = [t for t in typing.get_args(declared) if t is not type(None)] if union else [declared]
+        if union and text.strip().lower() == "none":
+            setattr(self, key, None)
+            return
+        kind = kinds[0]
+        try:
+            if typing.get_origin(kind) is tuple:
+                value = tuple(part.strip() for part in text.split(",") if part.strip())
+            elif kind is bool:
+                value = {"true": True, "1": True, "false": False, "0": False}[text.strip().lower()]
+            else:
+                value = kind(text)
+        except (KeyError, ValueError):
+            raise UserError(f"{key}: {text!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+        setattr(self, key, value)
 
     def manifest(self) -> dict[str, Any]:
         """Return the config as a JSON-ready dict."""

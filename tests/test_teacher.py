@@ -258,3 +258,20 @@ def test_cli_rejects_out_of_range_settings(flag, value, message, tmp_path, capsy
     assert main(["teacher", "--out", str(tmp_path / "t"), flag, value]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+def test_config_override_parses_by_the_declared_type():
+    from refteacher.engine.errors import UserError
+
+    config = TeacherConfig()
+    config.override("layer", "12")           # int | None
+    config.override("learning_rate", "5e-4")
+    config.override("target_fpr", "none")
+    config.override("lora_targets", "q_proj, v_proj")
+    assert (config.layer, config.learning_rate, config.target_fpr, config.lora_targets) == (12, 5e-4, None, ("q_proj", "v_proj"))
+    assert isinstance(config.layer, int)
+    config.override("target_recall", "0.9")
+    assert config.target_recall == 0.9
+    for key, text in (("layer", "twelve"), ("max_steps", "1.5"), ("no_such_field", "1")):
+        with pytest.raises(UserError):
+            config.override(key, text)

@@ -96,11 +96,9 @@ class TeacherConfig:
         try:
             if typing.get_origin(kind) is tuple:
                 value = tuple(part.strip() for part in text.split(",") if part.strip())
-            elif kind is bool:
-                value = {"true": True, "1": True, "false": False, "0": False}[text.strip().lower()]
             else:
                 value = kind(text)
-        except (KeyError, ValueError):
+        except ValueError:
             raise UserError(f"{key}: {text!r} is not a valid {getattr(kind, '__name__', kind)}") from None
         setattr(self, key, value)
 

@@ -86,13 +86,12 @@ class TeacherConfig:
         hints = typing.get_type_hints(type(self))
         if key not in hints:
             raise UserError(f"TeacherConfig has no field {key!r}; fields: {', '.join(hints)}")
-        declared = hints[key]
-        union = typing.get_origin(declared) in (typing.Union, types.UnionType)
-        kinds = [t for t in typing.get_args(declared) if t is not type(None)] if union else [declared]
-        if union and text.strip().lower() == "none":
-            setattr(self, key, None)
-            return
-        kind = kinds[0]
+        kind = hints[key]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # ``X | None``
+            if text.strip().lower() == "none":
+                setattr(self, key, None)
+                return
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
         try:
             if typing.get_origin(kind) is tuple:
                 value = tuple(part.strip() for part in text.split(",") if part.strip())

@@ -61,7 +61,8 @@ def fold_data(records, fold: str, seed: int = 0):
 
 def _scores(model, tokenizer, prompts, layer, feature, max_tokens=128):
     from refteacher.engine.prompts import pad_token_id
-    from refteacher.engine.teacher import _encode, prompt_hidden
+    from refteacher.engine.prompt_states import prompt_hidden
+    from refteacher.engine.teacher import _encode
     from refteacher.kernels.cosine import refusal_scores
 
     pad = pad_token_id(tokenizer)
@@ -84,7 +85,8 @@ def _figures(scores_h, scores_b, scores_edgy, threshold):
 def baseline(model, tokenizer, layer, bh, bb, th, tb, edgy, config):
     """Raw difference-of-means feature of the untouched model, calibrated like the teacher."""
     from refteacher.engine.prompts import pad_token_id
-    from refteacher.engine.teacher import calibrate, difference_of_means, _encode, prompt_hidden
+    from refteacher.engine.prompt_states import prompt_hidden
+    from refteacher.engine.teacher import calibrate, difference_of_means, _encode
     from refteacher.engine.teacher_data import build_teacher_data
 
     data = build_teacher_data(bh, bb, calib_fraction=config.calib_fraction, rephrase_per_prompt=0,

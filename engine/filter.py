@@ -10,11 +10,13 @@ A prompt longer than ``max_prompt_tokens`` is scored on its last tokens and mark
 How it is fast. Rows stream in windows of ``window_rows`` rows (memory is bounded by the window).
 A background thread reads, renders and tokenises the next window while the current one runs.
 Inside a window the prompts are sorted by length and cut into batches of about
-``batch_tokens`` padded tokens, so little padding is computed; the teacher runs only as far as
-its feature layer (``forward_to_layer``, no later layers, no LM head) under inference mode, and
-the scores come from the fused gather + cosine kernel (``refusal_scores``). On CUDA with
-flash-attn installed, each batch is packed into one sequence and run through flash-attn's
-variable-length path (no padding at all). Results are emitted in input order.
+``batch_tokens`` padded tokens, so little padding is computed. The token prefix that every
+prompt of a window shares (the chat template's system prompt: about half of a short prompt) runs
+once per window, and its KV cache serves every batch of the window (``prompt_states.PrefixCache``).
+The teacher runs only as far as its feature layer (no later layers, no LM head) under inference
+mode, and the scores come from the fused gather + cosine kernel (``refusal_scores``). On CUDA with
+flash-attn installed, each batch is instead packed into one sequence and run through flash-attn's
+variable-length path (no padding at all, no prefix cache). Results are emitted in input order.
 
 Determinism. Window k holds input rows k*W .. (k+1)*W-1, whatever the shard or resume point, and
 the batches of a window depend only on its rows, so a resumed run and a sharded run compute each
@@ -49,7 +51,8 @@ import torch
 
 from refteacher.engine.data import Prompt, PromptFields, Row, Source, iter_raw_rows, open_source, parse_row
 from refteacher.engine.errors import UserError
-from refteacher.engine.models import decoder_module, forward_to_layer
+from refteacher.engine.models import decoder_module, forward_to_layer, forward_to_layers
+from refteacher.engine.prompt_states import MIN_SHARED_PREFIX, PrefixCache, shared_prefix_length
 from refteacher.engine.prompts import encode_prompts, pad_token_id, right_pad
 from refteacher.kernels.cosine import refusal_scores
 
@@ -179,6 +182,7 @@ class _Window:
     unit_rows: list[int] = field(default_factory=list)  # unit -> row position in the window
     unit_truncated: list[bool] = field(default_factory=list)
     batches: list[_Batch] = field(default_factory=list)
+    prefix: list[int] = field(default_factory=list)  # token ids every unit starts with, cut from the batches
 
 
 def _tokenise(rows: list[Row], tokenizer, max_tokens: int | None) -> tuple[list[int], list[list[int]], list[bool]]:
@@ -263,16 +267,19 @@ def _prepare_window(index: int, rows: list[Row], tokenizer, options: FilterOptio
     window.unit_rows, window.unit_truncated = owners, truncated
     pad_id = pad_token_id(tokenizer)
     max_waste = 1.0 if options.packed else 0.1  # packed batches hold no padding at all
-    for units in _length_batches([len(s) for s in ids], options.batch_tokens, max_waste):
-        seqs = [ids[u] for u in units]
+    shared = 0 if options.packed else shared_prefix_length(ids)
+    if shared >= MIN_SHARED_PREFIX:
+        window.prefix = ids[0][:shared]
+    else:
+        shared = 0
+    for units in _length_batches([len(s) - shared for s in ids], options.batch_tokens, max_waste):
+        seqs = [ids[u][shared:] for u in units]
         if options.packed:
             batch = _packed_batch(units, seqs)
         else:
             input_ids, attention_mask, last_index = right_pad(seqs, pad_id)
-            if bool(attention_mask.all()):
-                attention_mask = None  # equal lengths: plain causal attention, no mask to build
             batch = _Batch(units, input_ids, attention_mask, last_index,
-                           tokens=sum(len(s) for s in seqs), padded_tokens=input_ids.numel())
+                           tokens=sum(len(s) + shared for s in seqs), padded_tokens=input_ids.numel())
         if pin:
             batch.input_ids = batch.input_ids.pin_memory()
         window.batches.append(batch)
@@ -303,13 +310,28 @@ def _use_flash_attention(model) -> None:
         raise UserError(f"packed batches need flash-attn 2 ({err}); install flash-attn or pass --no-packed") from None
 
 
-def _score_batch(model, feature: torch.Tensor, layer: int, batch: _Batch, device: torch.device) -> list[float]:
-    """Run one batch to the feature layer and return its scores (float per unit). May raise."""
+def _prefix_cache(model, window: _Window, layer: int) -> PrefixCache | None:
+    """The KV cache of the window's shared prefix up to ``layer`` (None without one). May raise."""
+    return PrefixCache(model, window.prefix, layer) if window.prefix else None
+
+
+def _score_batch(model, feature: torch.Tensor, layer: int, batch: _Batch, device: torch.device,
+                 prefix: PrefixCache | None = None) -> list[float]:
+    """Run one batch to the feature layer and return its scores (float per unit). May raise.
+
+    ``prefix``: the cache of the tokens cut from the front of every row of a padded batch.
+    """
     input_ids = batch.input_ids.to(device, non_blocking=True)
     mask = batch.attention_mask.to(device, non_blocking=True) if batch.attention_mask is not None else None
     last = batch.last_index.to(device, non_blocking=True)
     if batch.position_ids is None:
-        hidden = forward_to_layer(model, input_ids, mask, layer)
+        decoder_kwargs = None
+        if prefix is not None:
+            decoder_kwargs = prefix.decoder_kwargs(input_ids.shape[0], input_ids.shape[1], mask)
+            mask = decoder_kwargs.pop("attention_mask")
+        elif bool(mask.all()):
+            mask = None  # equal lengths: plain causal attention, no mask to build
+        hidden = forward_to_layers(model, input_ids, mask, [layer], decoder_kwargs=decoder_kwargs)[0]
         scores = refusal_scores(hidden, feature, last)
     else:
         position_ids = batch.position_ids.to(device, non_blocking=True)
@@ -335,9 +357,16 @@ def _score_window(teacher, window: _Window, threshold: float, device: torch.devi
     unit_scores: list[float | None] = [None] * len(window.unit_rows)
     row_failure: dict[int, str] = {}
     result = WindowResult(window.index, [])
+    prefix: PrefixCache | Exception | None
+    try:
+        prefix = _prefix_cache(teacher.model, window, teacher.layer)
+    except Exception as err:  # every batch of the window needs it: each fails with this error
+        prefix = err
     for batch in window.batches:
         try:
-            values = _score_batch(teacher.model, teacher.feature, teacher.layer, batch, device)
+            if isinstance(prefix, Exception):
+                raise prefix
+            values = _score_batch(teacher.model, teacher.feature, teacher.layer, batch, device, prefix)
         except Exception as err:  # fail closed: these rows go to rejected, never to kept
             reason = f"scoring failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
             for unit in batch.units:
@@ -385,9 +414,10 @@ def score_prompts(teacher, prompts: Sequence[Prompt], *, batch_tokens: int | Non
         raise UserError(f"prompt {bad[0].id - 1} cannot be scored: {bad[0].reason}")
     scores = [0.0] * len(rows)
     with torch.inference_mode():
+        prefix = _prefix_cache(teacher.model, window, teacher.layer)
         for batch in window.batches:
             for unit, value in zip(batch.units, _score_batch(teacher.model, teacher.feature, teacher.layer, batch,
-                                                             device)):
+                                                             device, prefix)):
                 scores[window.unit_rows[unit]] = value
     return scores
 

@@ -356,6 +356,13 @@ def num_layers(model) -> int:
     return min(count, configured) if isinstance(configured, int) else count
 
 
+def hidden_size(model) -> int:
+    """Return the hidden size of a causal LM (the text model's, for multimodal configs)."""
+    config = model.config
+    get_text = getattr(config, "get_text_config", None)
+    return int((get_text() if callable(get_text) else config).hidden_size)
+
+
 class _StopForward(Exception):
     """Raised by a hook once every requested hidden state has been captured."""
 

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import torch
 
 from refteacher.engine.errors import UserError
-from refteacher.engine.examples import pad_examples
+from refteacher.engine.examples import IGNORE_INDEX, pad_examples
 
 CHECKPOINT_DIR = ".teacher-checkpoint"
 DEFAULT_SETS = ("advbench", "harmbench", "matched_pairs", "edgy_benign")
@@ -129,36 +129,6 @@ def _encode(tokenizer, prompts: Sequence[str], max_tokens: int) -> list[list[int
     return encode_prompts(tokenizer, list(prompts), max_tokens=max_tokens)[0]
 
 
-def _last_hidden(model, ids: Sequence[Sequence[int]], pad_id: int, layer: int) -> torch.Tensor:
-    """Hidden state [B, H] after ``layer`` at each sequence's last token (right padding)."""
-    from refteacher.engine.models import hidden_at
-    from refteacher.engine.prompts import right_pad
-
-    device = next(model.parameters()).device
-    input_ids, attention_mask, last = right_pad(ids, pad_id, device=device)
-    return hidden_at(model, input_ids, attention_mask, layer, last)
-
-
-@torch.no_grad()
-def prompt_hidden(model, ids: Sequence[Sequence[int]], pad_id: int, layer: int, batch_size: int = 32,
-                  progress: bool = False, desc: str = "scoring") -> torch.Tensor:
-    """Hidden states [N, H] float32 at the last prompt token after ``layer``, in input order."""
-    from tqdm.auto import tqdm
-
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = torch.empty((len(ids), _hidden_size(model)), dtype=torch.float32)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-        rows = order[start:start + batch_size]
-        out[rows] = _last_hidden(model, [ids[i] for i in rows], pad_id, layer).float().cpu()
-    return out
-
-
-def _hidden_size(model) -> int:
-    config = model.config
-    get_text = getattr(config, "get_text_config", None)
-    return int((get_text() if callable(get_text) else config).hidden_size)
-
-
 def difference_of_means(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
     """Return mean(harmful) - mean(harmless) [H] float32 from [N, H] and [M, H] hidden states."""
     return (harmful.double().mean(0) - harmless.double().mean(0)).float()
@@ -200,17 +170,29 @@ def response_ce(model, examples: Sequence[tuple[list[int], list[int]]], pad_id: 
     """Mean next-token cross-entropy over the labelled (assistant) tokens of ``examples``.
 
     ``examples`` are (input_ids, labels) pairs (labels -100 off the assistant turn), right-padded
-    into one batch. Returns a float32 scalar. The LM head is applied only at labelled positions
-    (``losses.linear_cross_entropy``), so no [tokens x vocab] tensor for the prompt is built.
+    into one batch. Returns a float32 scalar. The unlabelled token prefix all examples share (the
+    chat template's system prompt) runs once (``prompt_states.PrefixCache``), and the LM head is
+    applied only at labelled positions (``losses.linear_cross_entropy``), so no [tokens x vocab]
+    tensor for the prompt is built.
     """
     from refteacher.engine.attention import lm_head_of
     from refteacher.engine.losses import linear_cross_entropy, shifted_targets
-    from refteacher.engine.models import decoder_module
+    from refteacher.engine.models import decoder_module, num_layers
+    from refteacher.engine.prompt_states import PrefixCache
 
     device = next(model.parameters()).device
-    batch = pad_examples(examples, pad_id)
+    first_labelled = min(next((t for t, lab in enumerate(labels) if lab != IGNORE_INDEX), len(labels))
+                         for _, labels in examples)
+    # The prefix must end before the first labelled token's predecessor: that position predicts it.
+    prefix = PrefixCache.shared_by(model, [ids[:first_labelled] for ids, _ in examples], num_layers(model))
+    skip = len(prefix) if prefix is not None else 0
+    batch = pad_examples([(ids[skip:], labels[skip:]) for ids, labels in examples], pad_id)
     input_ids, labels, mask = (batch[k].to(device) for k in ("input_ids", "labels", "attention_mask"))
-    hidden = decoder_module(model)(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+    if prefix is None:
+        kwargs = {"attention_mask": mask, "use_cache": False}
+    else:
+        kwargs = prefix.decoder_kwargs(input_ids.shape[0], input_ids.shape[1], mask)
+    hidden = decoder_module(model)(input_ids=input_ids, **kwargs).last_hidden_state
     labelled, targets = shifted_targets(labels)
     weight, bias = lm_head_of(model)
     return linear_cross_entropy(hidden[labelled], weight, targets, bias=bias)
@@ -364,6 +346,7 @@ def train_teacher(
     from refteacher.engine.datasets import prompt_set_hash
     from refteacher.engine.examples import encode_example
     from refteacher.engine.models import load_model, load_tokenizer, model_fingerprint, num_layers
+    from refteacher.engine.prompt_states import PrefixCache, last_token_states, prompt_hidden
     from refteacher.engine.prompts import pad_token_id
     from refteacher.engine.refusals import refusal_for
     from refteacher.engine.teacher_data import build_teacher_data, cached_answers
@@ -423,6 +406,10 @@ def train_teacher(
     ref_harmful = _reference_sample(harmful_ids, config.reference_size, config.seed, "harmful")
     ref_harmless = _reference_sample(harmless_ids, config.reference_size, config.seed, "harmless")
 
+    def batch_states(ids: list[list[int]]) -> torch.Tensor:
+        """States [B, H] of one batch after ``layer``; grads flow (through the shared prefix too)."""
+        return last_token_states(peft_model, ids, pad_id, [layer], PrefixCache.shared_by(peft_model, ids, layer))[0]
+
     def estimate_feature() -> torch.Tensor:
         was = peft_model.training
         peft_model.eval()
@@ -451,7 +438,7 @@ def train_teacher(
         hb = rng.sample(range(len(harmful_ids)), min(half_f, len(harmful_ids)))
         bb = rng.sample(range(len(harmless_ids)), min(half_f, len(harmless_ids)))
         batch_ids = [harmful_ids[i] for i in hb] + [harmless_ids[i] for i in bb]
-        hidden = _last_hidden(peft_model, batch_ids, pad_id, layer)
+        hidden = batch_states(batch_ids)
         scores = refusal_scores(hidden.float(), feature.to(device))
         labels = torch.tensor([1] * len(hb) + [0] * len(bb), device=device)
         l_feat = feature_loss(scores, labels, config.margin, config.harmful_target)
@@ -459,7 +446,7 @@ def train_teacher(
         l_anchor = torch.zeros(())
         if config.anchor_weight > 0:
             with torch.no_grad(), peft_model.disable_adapter():
-                untouched = _last_hidden(peft_model, batch_ids, pad_id, layer)
+                untouched = batch_states(batch_ids)
             l_anchor = anchor_loss(hidden, untouched)
             loss = loss + config.anchor_weight * l_anchor
         l_ce = torch.zeros(())

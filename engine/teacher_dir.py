@@ -128,7 +128,7 @@ def load_teacher(
 
     Raises UserError when the directory is not a teacher, or its feature does not match the model.
     """
-    from refteacher.engine.models import load_model, load_tokenizer, num_layers
+    from refteacher.engine.models import load_model, load_tokenizer, hidden_size, num_layers
 
     path = Path(teacher_dir)
     manifest, digest = read_manifest(path)
@@ -148,7 +148,7 @@ def load_teacher(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    hidden = model.config.get_text_config().hidden_size
+    hidden = hidden_size(model)
     if feature.numel() != hidden:
         raise UserError(f"{path}: feature has {feature.numel()} dims but model {spec!r} has hidden size {hidden}")
     layer = int(manifest["layer"])

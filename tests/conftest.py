@@ -85,3 +85,26 @@ def tiny_teacher_dir(tiny_model_dir, tmp_path_factory) -> Path:
         threshold=0.1,
         calibration={"note": "random test teacher"},
     )
+
+
+def _tiny_family_model(family: str, *, vocab_size: int = 128, sliding_window: int = 5, layers: int = 4):
+    import transformers
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+    config = {
+        "llama": lambda: transformers.LlamaConfig(**common),
+        "qwen2": lambda: transformers.Qwen2Config(**common),
+        "mistral": lambda: transformers.MistralConfig(**common, sliding_window=sliding_window),
+        "gemma": lambda: transformers.GemmaConfig(**common, head_dim=8),
+    }[family]()
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_family_model():
+    """A factory ``(family, *, vocab_size=128, sliding_window=5, layers=4) -> model``: a tiny random
+    causal LM (hidden 32, sdpa attention, eval mode) of the llama, qwen2, mistral or gemma family;
+    Mistral gets ``sliding_window``."""
+    return _tiny_family_model

@@ -22,7 +22,6 @@ from refteacher.engine.feature import (
     extract_feature,
     mean_last_token_states,
     pick_layer,
-    shared_prefix_length,
 )
 from refteacher.engine.metrics import auroc
 from refteacher.engine.models import hidden_at, load_model, load_tokenizer
@@ -197,32 +196,3 @@ def test_feature_command(tiny_model_dir, tmp_path, capsys):
     counts = feature.stats["prompt_sets"]
     assert counts["harmful"]["count"] + counts["heldout_harmful"]["count"] == 24
 
-
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma"])
-def test_shared_prefix_cache_gives_the_uncached_states(tiny, family):
-    import transformers
-
-    _, tokenizer = tiny
-    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    config = {
-        "llama": lambda: transformers.LlamaConfig(**common),
-        "qwen2": lambda: transformers.Qwen2Config(**common),
-        "mistral": lambda: transformers.MistralConfig(**common, sliding_window=7),  # shorter than the prefix
-        "gemma": lambda: transformers.GemmaConfig(**common, head_dim=8),
-    }[family]()
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    prompts = HARMFUL + HARMLESS
-    ids, _ = encode_prompts(tokenizer, prompts)
-    assert shared_prefix_length(ids) >= 20  # the chat template's system prompt
-    for layers in ([1, 2, 3], [2]):
-        cached = collect_last_token_states(model, tokenizer, prompts, layers, batch_size=5, prefix_cache=True)
-        plain = collect_last_token_states(model, tokenizer, prompts, layers, batch_size=5, prefix_cache=False)
-        torch.testing.assert_close(cached, plain, rtol=1e-4, atol=1e-5)
-
-
-def test_shared_prefix_length():
-    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
-    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # every row keeps a token
-    assert shared_prefix_length([[1], [2]]) == 0 and shared_prefix_length([]) == 0

@@ -92,6 +92,28 @@ def test_scores_match_a_naive_full_forward(teacher, tmp_path):
     assert score_prompts(teacher, plain, batch_tokens=64) == pytest.approx(plain_scores, abs=1e-5)
 
 
+def test_a_window_runs_its_shared_prefix_once(teacher):
+    from refteacher.engine.data import Row
+    from refteacher.engine.prompts import encode_prompts
+
+    options = FilterOptions(batch_tokens=200).resolved(torch.device("cpu"))
+    prompts = [make_prompt(i) for i in range(6)]
+    window = filter_module._prepare_window(0, [Row(i + 1, i + 1, None, prompts=[p]) for i, p in enumerate(prompts)],
+                                           teacher.tokenizer, options, pin=False)
+    assert len(window.prefix) >= 20  # the chat template's system prompt, cut from every batch row
+    full = [len(ids) for ids in encode_prompts(teacher.tokenizer, prompts)[0]]
+    assert sum(b.tokens for b in window.batches) == sum(full)
+    assert max(b.input_ids.shape[1] for b in window.batches) == max(full) - len(window.prefix)
+    # A conversation with its own system prompt shares only "<|im_start|>system" with the rest: no cut,
+    # and its scores still match the naive forward.
+    own = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompts[0]}]
+    mixed = [Row(1, 1, None, prompts=[own]), Row(2, 2, None, prompts=[prompts[1]])]
+    window = filter_module._prepare_window(0, mixed, teacher.tokenizer, options, pin=False)
+    assert window.prefix == []
+    assert score_prompts(teacher, [own, prompts[1]]) == pytest.approx(
+        [naive_score(teacher, own), naive_score(teacher, prompts[1])], abs=1e-5)
+
+
 def test_packed_batches_score_like_padded_ones(teacher, tmp_path):
     path = write_dataset(tmp_path / "in.jsonl", 17)
     padded = [v.score for v in iter_verdicts(teacher, str(path), FilterOptions(batch_tokens=300, packed=False))]
@@ -168,6 +190,20 @@ def test_scoring_error_fails_closed(teacher, tmp_path, monkeypatch):
     assert not set(written) & {r["_id"] for r in rejected}
     assert report["counts"]["kept"] + report["counts"]["flagged"] + report["counts"]["rejected"] == 40
     assert report["rejected_reasons"]["scoring failed"] == len(rejected)
+
+
+def test_a_failing_prefix_cache_rejects_its_window(teacher, tmp_path, monkeypatch):
+    path = write_dataset(tmp_path / "in.jsonl", 12)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated prefix failure")
+
+    monkeypatch.setattr(filter_module, "PrefixCache", broken)
+    report = run_filter(teacher, open_source(str(path)), tmp_path / "out", FilterOptions(window_rows=5),
+                        progress=False, plot=False)
+    rejected = read_jsonl(tmp_path / "out" / "rejected.jsonl")
+    assert report["counts"] == {**report["counts"], "kept": 0, "flagged": 0, "rejected": 12}
+    assert all("simulated prefix failure" in r["_reason"] for r in rejected)
 
 
 def test_existing_results_need_resume_or_overwrite(teacher, tmp_path):

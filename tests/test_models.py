@@ -22,33 +22,6 @@ from refteacher.engine.models import (
 )
 
 
-def _tiny_config(family: str):
-    """A tiny random config of one decoder family (4 layers, hidden 32, vocab 128)."""
-    import transformers
-
-    common = dict(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
-    )
-    if family == "llama":
-        return transformers.LlamaConfig(**common)
-    if family == "qwen2":
-        return transformers.Qwen2Config(**common)
-    if family == "mistral":
-        return transformers.MistralConfig(**common, sliding_window=5)
-    if family == "gemma":
-        return transformers.GemmaConfig(**common, head_dim=8)
-    raise AssertionError(family)
-
-
-def _tiny_model(family: str):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_tiny_config(family), attn_implementation="sdpa")
-    return model.eval()
-
-
 def _right_padded_batch():
     """Three rows of lengths 9, 5 and 1, right-padded with id 0."""
     generator = torch.Generator().manual_seed(3)
@@ -61,8 +34,8 @@ def _right_padded_batch():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma"])
-def test_forward_to_layer_equals_output_hidden_states(family):
-    model = _tiny_model(family)
+def test_forward_to_layer_equals_output_hidden_states(family, tiny_family_model):
+    model = tiny_family_model(family)
     ids, mask = _right_padded_batch()
     with torch.no_grad():
         reference = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
@@ -77,8 +50,8 @@ def test_forward_to_layer_equals_output_hidden_states(family):
         torch.testing.assert_close(models.decoder_module(model).norm(last), reference[total], rtol=1e-6, atol=1e-6)
 
 
-def test_gemma_layer_zero_is_scaled_embedding():
-    model = _tiny_model("gemma")
+def test_gemma_layer_zero_is_scaled_embedding(tiny_family_model):
+    model = tiny_family_model("gemma")
     ids, mask = _right_padded_batch()
     with torch.no_grad():
         got = forward_to_layer(model, ids, mask, 0)
@@ -87,8 +60,8 @@ def test_gemma_layer_zero_is_scaled_embedding():
     torch.testing.assert_close(got, raw * 32**0.5, rtol=1e-5, atol=1e-5)
 
 
-def test_forward_stops_at_the_layer():
-    model = _tiny_model("llama")
+def test_forward_stops_at_the_layer(tiny_family_model):
+    model = tiny_family_model("llama")
     ids, mask = _right_padded_batch()
     calls = []
     layers = decoder_layers(model)
@@ -111,16 +84,16 @@ def test_forward_stops_at_the_layer():
         assert model(input_ids=ids, attention_mask=mask).logits.shape == (3, 9, 128)
 
 
-def test_out_of_range_layer_is_value_error():
-    model = _tiny_model("qwen2")
+def test_out_of_range_layer_is_value_error(tiny_family_model):
+    model = tiny_family_model("qwen2")
     ids, mask = _right_padded_batch()
     for bad in (-1, 5):
         with pytest.raises(ValueError, match="out of range"):
             forward_to_layer(model, ids, mask, bad)
 
 
-def test_hidden_at_and_multi_layer_gather():
-    model = _tiny_model("mistral")
+def test_hidden_at_and_multi_layer_gather(tiny_family_model):
+    model = tiny_family_model("mistral")
     ids, mask = _right_padded_batch()
     last = mask.sum(1) - 1
     with torch.no_grad():
@@ -134,8 +107,8 @@ def test_hidden_at_and_multi_layer_gather():
     torch.testing.assert_close(several[1], reference[1][rows, last], rtol=0, atol=0)
 
 
-def test_gradients_flow_through_forward_to_layer():
-    model = _tiny_model("llama")
+def test_gradients_flow_through_forward_to_layer(tiny_family_model):
+    model = tiny_family_model("llama")
     ids, mask = _right_padded_batch()
     forward_to_layer(model, ids, mask, 2).sum().backward()
     assert decoder_layers(model)[1].mlp.down_proj.weight.grad is not None

@@ -83,7 +83,7 @@ def test_anchor_loss_is_relative_squared_drift():
 
 def test_anchor_holds_the_feature_layer_near_the_untouched_model(tiny_model_dir, tmp_path):
     from refteacher.engine.prompts import encode_prompts, pad_token_id
-    from refteacher.engine.teacher import prompt_hidden
+    from refteacher.engine.prompt_states import prompt_hidden
     from refteacher.engine.teacher_dir import load_teacher
 
     harmful, harmless = _records()
@@ -118,10 +118,17 @@ def test_response_ce_matches_the_models_own_loss(tiny_model_dir):
     pad = pad_token_id(tokenizer)
     batch = pad_examples(examples, pad)
     # Hugging Face's loss: full [B, T, V] logits, mean over every labelled token of the batch
+    # response_ce runs the shared system prompt once (a prefix cache): the loss and every gradient agree.
     expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    expected.backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
     got = response_ce(model, examples, pad)
+    got.backward()
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_difference_of_means():

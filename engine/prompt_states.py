@@ -1,0 +1,131 @@
+"""Hidden states of prompts at their last token, with the shared token prefix run once.
+
+Every chat-rendered prompt starts with the same tokens: SmolLM2's template puts 24 tokens of
+system prompt and turn markup before every user turn, about half of a typical built-in prompt.
+``PrefixCache`` runs that prefix once, batch 1, and hands each batch a copy of its KV cache, so
+only the rest of each prompt goes through the decoder. Built with autograd on, gradients flow
+from every batch back through the prefix states, so it serves a training step as well as scoring.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any, Sequence
+
+import torch
+
+MIN_SHARED_PREFIX = 8  # tokens; below this a prefix cache is not worth its bookkeeping
+
+
+def shared_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Return the length of the token prefix common to all ``seqs``, leaving each at least one token."""
+    if not seqs:
+        return 0
+    first = seqs[0]
+    limit = min(len(s) for s in seqs) - 1
+    length = 0
+    while length < limit and all(s[length] == first[length] for s in seqs):
+        length += 1
+    return length
+
+
+class PrefixCache:
+    """The KV cache of token ids ``prefix_ids`` after decoder layers 1..``depth`` (batch 1).
+
+    Computed under the caller's grad mode: with autograd on, every batch that uses it
+    back-propagates into the prefix states (and so into e.g. LoRA weights of those layers).
+    """
+
+    def __init__(self, model, prefix_ids: Sequence[int], depth: int):
+        from transformers import DynamicCache
+
+        from refteacher.engine.models import decoder_module, forward_to_layers
+
+        decoder = decoder_module(model)
+        params = inspect.signature(decoder.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.ids = [int(t) for t in prefix_ids]
+        self.depth = depth
+        self.cache = DynamicCache(config=decoder.config)
+        device = next(model.parameters()).device
+        ids = torch.tensor([self.ids], dtype=torch.long, device=device)
+        forward_to_layers(model, ids, torch.ones_like(ids), [depth],
+                          decoder_kwargs={self.cache_kwarg: self.cache, "use_cache": True})
+
+    @classmethod
+    def shared_by(cls, model, seqs: Sequence[Sequence[int]], depth: int) -> PrefixCache | None:
+        """Return the cache of the prefix all ``seqs`` share, or None when it is under MIN_SHARED_PREFIX."""
+        shared = shared_prefix_length(seqs)
+        return cls(model, seqs[0][:shared], depth) if shared >= MIN_SHARED_PREFIX else None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def strip(self, seqs: Sequence[Sequence[int]]) -> list[Sequence[int]]:
+        """Return each sequence without the prefix; ValueError if one does not start with it."""
+        n = len(self.ids)
+        for seq in seqs:
+            if len(seq) <= n or list(seq[:n]) != self.ids:
+                raise ValueError("a sequence does not start with the cached prefix (or is no longer than it)")
+        return [seq[n:] for seq in seqs]
+
+    def decoder_kwargs(self, batch: int, width: int, attention_mask: torch.Tensor) -> dict[str, Any]:
+        """Decoder kwargs for ``batch`` rows of ``width`` tokens that follow the prefix.
+
+        ``attention_mask`` [batch, width] covers those tokens; the returned kwargs hold a batch copy
+        of the cache (the original is left as it is), the mask widened to cover the prefix, and
+        position ids that continue after it.
+        """
+        cache = copy.copy(self.cache)
+        cache.layers = [copy.copy(layer) for layer in self.cache.layers]  # layers rebind, never mutate
+        cache.batch_repeat_interleave(batch)
+        device = attention_mask.device
+        n = len(self.ids)
+        mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
+        positions = torch.arange(n, n + width, device=device).expand(batch, width)
+        return {self.cache_kwarg: cache, "use_cache": True, "position_ids": positions, "attention_mask": mask}
+
+
+def last_token_states(model, ids: Sequence[Sequence[int]], pad_id: int, layers: Sequence[int],
+                      prefix: PrefixCache | None = None) -> list[torch.Tensor]:
+    """Hidden states after each of ``layers`` at every sequence's last token, as one right-padded batch.
+
+    ``ids``: non-empty token id lists; with ``prefix`` each must start with its tokens, which are
+    not run again (``prefix.depth`` must be at least ``max(layers)``). Returns one tensor [B, H] per
+    layer, in the model's dtype; gradients flow when autograd is on.
+    """
+    from refteacher.engine.models import forward_to_layers
+    from refteacher.engine.prompts import right_pad
+
+    device = next(model.parameters()).device
+    if prefix is None:
+        input_ids, mask, last = right_pad(ids, pad_id, device=device)
+        return forward_to_layers(model, input_ids, mask, layers, positions=last)
+    if prefix.depth < max(layers):
+        raise ValueError(f"the prefix cache reaches layer {prefix.depth}, not {max(layers)}")
+    input_ids, mask, last = right_pad(prefix.strip(ids), pad_id, device=device)
+    extra = prefix.decoder_kwargs(input_ids.shape[0], input_ids.shape[1], mask)
+    mask = extra.pop("attention_mask")
+    return forward_to_layers(model, input_ids, mask, layers, positions=last, decoder_kwargs=extra)
+
+
+@torch.no_grad()
+def prompt_hidden(model, ids: Sequence[Sequence[int]], pad_id: int, layer: int, batch_size: int = 32,
+                  progress: bool = False, desc: str = "scoring") -> torch.Tensor:
+    """Hidden states [N, H] float32 (CPU) after ``layer`` at each prompt's last token, in input order.
+
+    Prompts are batched by length; their shared prefix runs once for all of them.
+    """
+    from tqdm.auto import tqdm
+
+    from refteacher.engine.models import hidden_size
+
+    out = torch.empty((len(ids), hidden_size(model)), dtype=torch.float32)
+    if not ids:
+        return out
+    prefix = PrefixCache.shared_by(model, ids, layer)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        rows = order[start:start + batch_size]
+        out[rows] = last_token_states(model, [ids[i] for i in rows], pad_id, [layer], prefix)[0].float().cpu()
+    return out

@@ -49,7 +49,7 @@ DEFAULT_TARGET_FPR = 0.05
 class TeacherConfig:
     """Every knob of a teacher build; all of it is written to the manifest."""
 
-    layer: int | None = None          # feature layer; None: 55% of the depth (16 of 30)
+    layer: int | None = None          # feature layer; None: two thirds of the depth (20 of 30)
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -302,7 +302,11 @@ def calibrate(harmful_scores, harmless_scores, *, target_recall: float | None = 
 
 
 def _default_layer(total_layers: int) -> int:
-    return max(1, round(0.55 * total_layers))
+    """The default feature layer: two thirds of the depth (20 of SmolLM2's 30), at least 1.
+
+    Left-out HarmBench AUROC was 0.72 at layer 12, 0.95 at 16 and 0.98 at 20 (README, "Feature layer").
+    """
+    return max(1, round(2 * total_layers / 3))
 
 
 def _fingerprint(config: TeacherConfig, data, model_hash: str) -> str:
@@ -593,7 +597,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--harmful", nargs="+", default=[], help="harmful prompt sets (names or files)")
     p.add_argument("--harmless", nargs="+", default=[], help="harmless prompt sets (names or files)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="built-in data held out from building (default 0.2)")
-    p.add_argument("--layer", type=int, default=None, help="feature layer (default: 55%% of the depth, 16 of 30 for SmolLM2; harm becomes linearly readable there)")
+    p.add_argument("--layer", type=int, default=None, help="feature layer; LoRA goes on the layers below it (default: two thirds of the depth, 20 of 30 for SmolLM2)")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument("--max-steps", type=int, default=60, help="training steps (default 60)")

@@ -168,7 +168,7 @@ class WindowResult:
 class _Batch:
     units: list[int]  # indices into the window's units
     input_ids: torch.Tensor  # [B, T] long, or [1, sum] when packed
-    attention_mask: torch.Tensor | None  # [B, T] long; None when packed
+    attention_mask: torch.Tensor | None  # [B, T] long; None when packed, or equal lengths with no prefix
     last_index: torch.Tensor  # [B] long: each unit's last token (in the packed row when packed)
     position_ids: torch.Tensor | None = None  # [1, sum] long when packed
     tokens: int = 0
@@ -278,6 +278,8 @@ def _prepare_window(index: int, rows: list[Row], tokenizer, options: FilterOptio
             batch = _packed_batch(units, seqs)
         else:
             input_ids, attention_mask, last_index = right_pad(seqs, pad_id)
+            if not shared and bool(attention_mask.all()):
+                attention_mask = None  # equal lengths, no prefix: plain causal attention, no mask to build
             batch = _Batch(units, input_ids, attention_mask, last_index,
                            tokens=sum(len(s) + shared for s in seqs), padded_tokens=input_ids.numel())
         if pin:
@@ -326,11 +328,9 @@ def _score_batch(model, feature: torch.Tensor, layer: int, batch: _Batch, device
     last = batch.last_index.to(device, non_blocking=True)
     if batch.position_ids is None:
         decoder_kwargs = None
-        if prefix is not None:
+        if prefix is not None:  # a window with a prefix keeps every batch's mask
             decoder_kwargs = prefix.decoder_kwargs(input_ids.shape[0], input_ids.shape[1], mask)
             mask = decoder_kwargs.pop("attention_mask")
-        elif bool(mask.all()):
-            mask = None  # equal lengths: plain causal attention, no mask to build
         hidden = forward_to_layers(model, input_ids, mask, [layer], decoder_kwargs=decoder_kwargs)[0]
         scores = refusal_scores(hidden, feature, last)
     else:

@@ -183,7 +183,8 @@ def response_ce(model, examples: Sequence[tuple[list[int], list[int]]], pad_id: 
     device = next(model.parameters()).device
     first_labelled = min(next((t for t, lab in enumerate(labels) if lab != IGNORE_INDEX), len(labels))
                          for _, labels in examples)
-    # The prefix must end before the first labelled token's predecessor: that position predicts it.
+    # The position before the first labelled token predicts it, so it must stay out of the prefix:
+    # a prefix shared by ids[:first_labelled] always leaves that last token out.
     prefix = PrefixCache.shared_by(model, [ids[:first_labelled] for ids, _ in examples], num_layers(model))
     skip = len(prefix) if prefix is not None else 0
     batch = pad_examples([(ids[skip:], labels[skip:]) for ids, labels in examples], pad_id)
@@ -597,7 +598,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--harmful", nargs="+", default=[], help="harmful prompt sets (names or files)")
     p.add_argument("--harmless", nargs="+", default=[], help="harmless prompt sets (names or files)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="built-in data held out from building (default 0.2)")
-    p.add_argument("--layer", type=int, default=None, help="feature layer; LoRA goes on the layers below it (default: two thirds of the depth, 20 of 30 for SmolLM2)")
+    p.add_argument("--layer", type=int, default=None, help="feature layer N; LoRA goes on decoder layers 1..N, the ones that compute it (default: two thirds of the depth, 20 of 30 for SmolLM2)")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument("--max-steps", type=int, default=60, help="training steps (default 60)")

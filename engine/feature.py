@@ -124,35 +124,20 @@ def iter_last_token_states(
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (prompt indices, states float32 [b, len(layers), H]) batch by batch.
 
-    Prompts (strings, message lists or PromptRecords) are chat-rendered, kept to their last
-    ``max_tokens`` tokens, and batched by length (longest first) to limit padding; each batch runs
-    the decoder only up to ``max(layers)``. With ``prefix_cache`` the token prefix that every
-    prompt shares (the chat template's system prompt: 24 of ~49 tokens for SmolLM2 on the
-    built-in sets) runs once and its KV cache is reused by every batch; results equal the
-    uncached ones up to float rounding. ``progress``: False, True or a tqdm description.
+    Prompts (strings, message lists or PromptRecords) are chat-rendered and kept to their last
+    ``max_tokens`` tokens, then run by ``prompt_states.iter_prompt_states``: batched by length,
+    the decoder only up to ``max(layers)``, and with ``prefix_cache`` the prefix every prompt
+    shares (the chat template's system prompt: 24 of ~49 tokens for SmolLM2 on the built-in
+    sets) run once. ``progress``: False, True or a tqdm description.
     """
-    from tqdm.auto import tqdm
-
-    from refteacher.engine.prompt_states import PrefixCache, last_token_states
+    from refteacher.engine.prompt_states import iter_prompt_states
     from refteacher.engine.prompts import encode_prompts
 
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     ids, _ = encode_prompts(tokenizer, _prompt_texts(prompts), max_tokens=max_tokens)
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    bar = tqdm(total=len(ids), desc=progress if isinstance(progress, str) else "prompts",
-               unit="prompt", disable=not progress, leave=False)
-    try:
-        with torch.inference_mode():
-            prefix = PrefixCache.shared_by(model, ids, max(layers)) if prefix_cache and ids else None
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            with torch.inference_mode():
-                states = last_token_states(model, [ids[i] for i in chunk], tokenizer.pad_token_id, layers, prefix)
-            yield chunk, torch.stack(states, dim=1).float().cpu()
-            bar.update(len(chunk))
-    finally:
-        bar.close()
+    yield from iter_prompt_states(model, ids, tokenizer.pad_token_id, layers, batch_size, prefix_cache=prefix_cache,
+                                  progress=bool(progress), desc=progress if isinstance(progress, str) else "prompts")
 
 
 def collect_last_token_states(

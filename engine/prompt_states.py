@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -109,23 +109,40 @@ def last_token_states(model, ids: Sequence[Sequence[int]], pad_id: int, layers: 
     return forward_to_layers(model, input_ids, mask, layers, positions=last, decoder_kwargs=extra)
 
 
-@torch.no_grad()
-def prompt_hidden(model, ids: Sequence[Sequence[int]], pad_id: int, layer: int, batch_size: int = 32,
-                  progress: bool = False, desc: str = "scoring") -> torch.Tensor:
-    """Hidden states [N, H] float32 (CPU) after ``layer`` at each prompt's last token, in input order.
+def iter_prompt_states(model, ids: Sequence[Sequence[int]], pad_id: int, layers: Sequence[int],
+                       batch_size: int = 32, *, prefix_cache: bool = True, progress: bool = False,
+                       desc: str = "prompts") -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield (indices into ``ids``, states float32 CPU [b, len(layers), H]) batch by batch, no grad.
 
-    Prompts are batched by length; their shared prefix runs once for all of them.
+    Prompts are batched by length, shortest first, to limit padding; the decoder runs only up to
+    ``max(layers)``. With ``prefix_cache`` the prefix all prompts share runs once for all batches
+    (equal to running it in every row up to float rounding). ValueError for ``batch_size < 1``.
     """
     from tqdm.auto import tqdm
 
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    bar = tqdm(total=len(ids), desc=desc, unit="prompt", disable=not progress, leave=False)
+    try:
+        with torch.no_grad():
+            prefix = PrefixCache.shared_by(model, ids, max(layers)) if prefix_cache and ids else None
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            with torch.no_grad():
+                states = last_token_states(model, [ids[i] for i in chunk], pad_id, layers, prefix)
+            yield chunk, torch.stack(states, dim=1).float().cpu()
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+
+
+def prompt_hidden(model, ids: Sequence[Sequence[int]], pad_id: int, layer: int, batch_size: int = 32,
+                  progress: bool = False, desc: str = "scoring") -> torch.Tensor:
+    """Hidden states [N, H] float32 (CPU) after ``layer`` at each prompt's last token, in input order."""
     from refteacher.engine.models import hidden_size
 
     out = torch.empty((len(ids), hidden_size(model)), dtype=torch.float32)
-    if not ids:
-        return out
-    prefix = PrefixCache.shared_by(model, ids, layer)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-        rows = order[start:start + batch_size]
-        out[rows] = last_token_states(model, [ids[i] for i in rows], pad_id, [layer], prefix)[0].float().cpu()
+    for chunk, states in iter_prompt_states(model, ids, pad_id, [layer], batch_size, progress=progress, desc=desc):
+        out[chunk] = states[:, 0]
     return out

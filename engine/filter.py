@@ -52,7 +52,7 @@ import torch
 from refteacher.engine.data import Prompt, PromptFields, Row, Source, iter_raw_rows, open_source, parse_row
 from refteacher.engine.errors import UserError
 from refteacher.engine.models import decoder_module, forward_to_layer, forward_to_layers
-from refteacher.engine.prompt_states import MIN_SHARED_PREFIX, PrefixCache, shared_prefix_length
+from refteacher.engine.prompt_states import PrefixCache, cacheable_prefix
 from refteacher.engine.prompts import encode_prompts, pad_token_id, right_pad
 from refteacher.kernels.cosine import refusal_scores
 
@@ -267,11 +267,8 @@ def _prepare_window(index: int, rows: list[Row], tokenizer, options: FilterOptio
     window.unit_rows, window.unit_truncated = owners, truncated
     pad_id = pad_token_id(tokenizer)
     max_waste = 1.0 if options.packed else 0.1  # packed batches hold no padding at all
-    shared = 0 if options.packed else shared_prefix_length(ids)
-    if shared >= MIN_SHARED_PREFIX:
-        window.prefix = ids[0][:shared]
-    else:
-        shared = 0
+    window.prefix = [] if options.packed else cacheable_prefix(ids)
+    shared = len(window.prefix)
     for units in _length_batches([len(s) - shared for s in ids], options.batch_tokens, max_waste):
         seqs = [ids[u][shared:] for u in units]
         if options.packed:

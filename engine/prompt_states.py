@@ -29,6 +29,12 @@ def shared_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     return length
 
 
+def cacheable_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
+    """Return the token ids all ``seqs`` start with, or [] when that prefix is under MIN_SHARED_PREFIX."""
+    shared = shared_prefix_length(seqs)
+    return list(seqs[0][:shared]) if shared >= MIN_SHARED_PREFIX else []
+
+
 class PrefixCache:
     """The KV cache of token ids ``prefix_ids`` after decoder layers 1..``depth`` (batch 1).
 
@@ -55,8 +61,8 @@ class PrefixCache:
     @classmethod
     def shared_by(cls, model, seqs: Sequence[Sequence[int]], depth: int) -> PrefixCache | None:
         """Return the cache of the prefix all ``seqs`` share, or None when it is under MIN_SHARED_PREFIX."""
-        shared = shared_prefix_length(seqs)
-        return cls(model, seqs[0][:shared], depth) if shared >= MIN_SHARED_PREFIX else None
+        prefix = cacheable_prefix(seqs)
+        return cls(model, prefix, depth) if prefix else None
 
     def __len__(self) -> int:
         return len(self.ids)

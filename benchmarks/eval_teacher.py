@@ -59,15 +59,20 @@ def fold_data(records, fold: str, seed: int = 0):
     return of(build, used, "harmful"), of(build, used, "benign"), th, tb, edgy
 
 
-def _scores(model, tokenizer, prompts, layer, feature, max_tokens=128):
-    from refteacher.engine.prompts import pad_token_id
+def _hidden(model, tokenizer, prompts, layer, max_tokens):
+    """Hidden states [N, H] float32 after ``layer`` at the last token of each chat-rendered prompt."""
     from refteacher.engine.prompt_states import prompt_hidden
-    from refteacher.engine.teacher import _encode
+    from refteacher.engine.prompts import encode_prompts, pad_token_id
+
+    ids, _ = encode_prompts(tokenizer, list(prompts), max_tokens=max_tokens)
+    return prompt_hidden(model, ids, pad_token_id(tokenizer), layer, progress=True)
+
+
+def _scores(model, tokenizer, prompts, layer, feature, max_tokens):
+    """Cosine scores [N] float32 of ``prompts`` against ``feature`` [H] at ``layer``."""
     from refteacher.kernels.cosine import refusal_scores
 
-    pad = pad_token_id(tokenizer)
-    hidden = prompt_hidden(model, _encode(tokenizer, prompts, max_tokens), pad, layer, progress=True, desc="scoring")
-    return refusal_scores(hidden, feature.float().cpu())
+    return refusal_scores(_hidden(model, tokenizer, prompts, layer, max_tokens), feature.float().cpu())
 
 
 def _figures(scores_h, scores_b, scores_edgy, threshold):
@@ -84,23 +89,19 @@ def _figures(scores_h, scores_b, scores_edgy, threshold):
 
 def baseline(model, tokenizer, layer, bh, bb, th, tb, edgy, config):
     """Raw difference-of-means feature of the untouched model, calibrated like the teacher."""
-    from refteacher.engine.prompts import pad_token_id
-    from refteacher.engine.prompt_states import prompt_hidden
-    from refteacher.engine.teacher import calibrate, difference_of_means, _encode
+    from refteacher.engine.teacher import calibrate, difference_of_means
     from refteacher.engine.teacher_data import build_teacher_data
 
     data = build_teacher_data(bh, bb, calib_fraction=config.calib_fraction, rephrase_per_prompt=0,
                               template_harmless=config.template_harmless, ce_harmless=0,
                               calib_rephrase=config.calib_rephrase, seed=config.seed)
-    pad = pad_token_id(tokenizer)
-    train_h = [p for p in data.train_harmful]
-    train_b = [p for p in data.train_harmless]
-    feature = difference_of_means(prompt_hidden(model, _encode(tokenizer, train_h, 128), pad, layer, progress=True),
-                                  prompt_hidden(model, _encode(tokenizer, train_b, 128), pad, layer, progress=True))
-    threshold, _ = calibrate(_scores(model, tokenizer, data.calib_harmful, layer, feature),
-                             _scores(model, tokenizer, data.calib_harmless, layer, feature),
+    tokens = config.max_prompt_tokens
+    feature = difference_of_means(_hidden(model, tokenizer, data.train_harmful, layer, tokens),
+                                  _hidden(model, tokenizer, data.train_harmless, layer, tokens))
+    threshold, _ = calibrate(_scores(model, tokenizer, data.calib_harmful, layer, feature, tokens),
+                             _scores(model, tokenizer, data.calib_harmless, layer, feature, tokens),
                              target_recall=config.target_recall, target_fpr=config.target_fpr)
-    s = {name: _scores(model, tokenizer, [r.prompt for r in rs], layer, feature) for name, rs in
+    s = {name: _scores(model, tokenizer, [r.prompt for r in rs], layer, feature, tokens) for name, rs in
          (("h", th), ("b", tb), ("e", edgy))}
     return _figures(s["h"], s["b"], s["e"], threshold)
 
@@ -131,7 +132,8 @@ def run_fold(fold, records, args, config, model_spec):
     result["baseline"] = baseline(model, tokenizer, layer, bh, bb, th, tb, edgy, config)
     del model
     teacher = load_teacher(path, device="cpu")
-    s = {name: _scores(teacher.model, teacher.tokenizer, [r.prompt for r in rs], layer, teacher.feature)
+    s = {name: _scores(teacher.model, teacher.tokenizer, [r.prompt for r in rs], layer, teacher.feature,
+                       config.max_prompt_tokens)
          for name, rs in (("h", th), ("b", tb), ("e", edgy))}
     result["teacher"] = _figures(s["h"], s["b"], s["e"], teacher.threshold)
     result["teacher"]["calibration"] = calibration
@@ -169,8 +171,6 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--folds", default=",".join(FOLDS))
     p.add_argument("--quick", action="store_true", help="fewer steps and generations (a smoke run)")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--layer", type=int, default=None)
     p.add_argument("--generate", type=int, default=40, help="held-out prompts per class to generate answers for")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0,
@@ -180,9 +180,11 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="benchmarks/results/eval_teacher_work", help="folder for the fold teachers")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a TeacherConfig field, e.g. --set feature_batch=16 (repeatable)")
+                   help="override a TeacherConfig field, e.g. --set layer=16 or --set max_steps=30 (repeatable)")
     args = p.parse_args(argv)
-    config = TeacherConfig(layer=args.layer, seed=args.seed, threads=args.threads)
+    config = TeacherConfig(seed=args.seed, threads=args.threads)
+    if args.quick:
+        config.max_steps, args.generate = 4, min(args.generate, 8)
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -191,10 +193,6 @@ def main(argv=None) -> int:
             config.override(key, value)
         except UserError as error:
             raise SystemExit(f"--set: {error}") from None
-    if args.quick:
-        config.max_steps, args.generate = 4, min(args.generate, 8)
-    if args.max_steps is not None:
-        config.max_steps = args.max_steps
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.teacher and len(args.folds.split(",")) != 1:

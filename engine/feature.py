@@ -133,8 +133,6 @@ def iter_last_token_states(
     from refteacher.engine.prompt_states import iter_prompt_states
     from refteacher.engine.prompts import encode_prompts
 
-    if batch_size < 1:
-        raise UserError(f"batch size must be at least 1, got {batch_size}")
     ids, _ = encode_prompts(tokenizer, _prompt_texts(prompts), max_tokens=max_tokens)
     yield from iter_prompt_states(model, ids, tokenizer.pad_token_id, layers, batch_size, prefix_cache=prefix_cache,
                                   progress=bool(progress), desc=progress if isinstance(progress, str) else "prompts")

@@ -122,12 +122,14 @@ def iter_prompt_states(model, ids: Sequence[Sequence[int]], pad_id: int, layers:
 
     Prompts are batched by length, shortest first, to limit padding; the decoder runs only up to
     ``max(layers)``. With ``prefix_cache`` the prefix all prompts share runs once for all batches
-    (equal to running it in every row up to float rounding). ValueError for ``batch_size < 1``.
+    (equal to running it in every row up to float rounding). UserError for ``batch_size < 1``.
     """
     from tqdm.auto import tqdm
 
+    from refteacher.engine.errors import UserError
+
     if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     bar = tqdm(total=len(ids), desc=desc, unit="prompt", disable=not progress, leave=False)
     try:

@@ -115,3 +115,14 @@ def test_prompt_hidden_keeps_input_order_and_takes_empty_input(tiny_family_model
             alone = last_token_states(model, [seq], tokenizer.pad_token_id, [2])[0][0]
             torch.testing.assert_close(got[row], alone.float(), rtol=1e-4, atol=1e-5)
     assert prompt_hidden(model, [], tokenizer.pad_token_id, 2).shape == (0, 32)
+
+
+def test_a_batch_size_below_one_is_a_user_error(tiny_family_model, prompt_ids):
+    from refteacher.engine.errors import UserError
+
+    tokenizer, ids = prompt_ids
+    model = _model(tiny_family_model, tokenizer, "llama")
+    with pytest.raises(UserError, match="batch size must be at least 1, got 0"):
+        prompt_hidden(model, ids, tokenizer.pad_token_id, 2, batch_size=0)
+    with pytest.raises(UserError, match="batch size must be at least 1, got -1"):
+        collect_last_token_states(model, tokenizer, PROMPTS, [2], batch_size=-1)

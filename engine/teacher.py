@@ -31,7 +31,7 @@ import shutil
 import time
 import types
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -106,6 +106,16 @@ class TeacherConfig:
         out = asdict(self)
         out["lora_targets"] = list(self.lora_targets)
         return out
+
+    @classmethod
+    def from_manifest(cls, values: dict[str, Any]) -> "TeacherConfig":
+        """Rebuild the config a teacher was built with from its ``manifest()`` dict.
+
+        Fields the dict lacks (a manifest older than the field) keep their defaults; keys this
+        version does not know are ignored.
+        """
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
 
 
 @dataclass
@@ -608,8 +618,9 @@ def add_cli(subparsers) -> None:
                         "sources the untouched model already separates, and hurts on same-style harmful/harmless pairs "
                         f"(default {TeacherConfig.anchor_weight}: off)")
     p.add_argument("--margin", type=float, default=0.0, help="harmless prompts are pushed below this cosine")
-    p.add_argument("--threshold-gap", type=float, default=0.05,
-                   help="the threshold is never below --margin plus this, whatever the rule picks (default 0.05; "
+    p.add_argument("--threshold-gap", type=float, default=TeacherConfig.threshold_gap,
+                   help="the threshold is never below --margin plus this, whatever the rule picks "
+                        f"(default {TeacherConfig.threshold_gap}; "
                         "not applied with --anchor-weight, whose harmless scores sit well below the margin)")
     p.add_argument("--harmful-target", type=float, default=0.5,
                    help="harmful prompts are pushed above this cosine (a hinge; 1.0 pushes them all the way, "

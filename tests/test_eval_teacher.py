@@ -1,30 +1,51 @@
-"""benchmarks/eval_teacher.py end to end on the tiny model: one left-out fold, a 4-step teacher."""
+"""benchmarks/eval_teacher.py and threshold_rules.py end to end on the tiny model: one left-out
+fold, a 2-step teacher, then its threshold rules."""
 from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_teacher.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name):
+    sys.path.insert(0, str(BENCHMARKS))  # the scripts import their neighbours (harness, eval_teacher)
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 @pytest.fixture(scope="module")
 def eval_teacher():
-    spec = importlib.util.spec_from_file_location("eval_teacher", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script("eval_teacher")
 
 
-def test_a_left_out_fold_reports_both_filters(eval_teacher, tiny_model_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("REFTEACHER_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "result.json"
-    assert eval_teacher.main(["--model", str(tiny_model_dir), "--quick", "--folds", "no_matched", "--threads", "1",
-                              "--set", "layer=2", "--set", "max_steps=2", "--work", str(tmp_path / "work"),
-                              "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def fold_run(eval_teacher, tiny_model_dir, tmp_path_factory):
+    """(result JSON, teacher folder) of eval_teacher on the no_matched fold with the tiny model."""
+    tmp = tmp_path_factory.mktemp("eval_teacher")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("REFTEACHER_CACHE", str(tmp / "cache"))
+    try:
+        out = tmp / "result.json"
+        assert eval_teacher.main(["--model", str(tiny_model_dir), "--quick", "--folds", "no_matched", "--threads", "1",
+                                  "--set", "layer=2", "--set", "max_steps=2", "--work", str(tmp / "work"),
+                                  "--json", str(out)]) == 0
+        yield json.loads(out.read_text()), tmp / "work" / "teacher-no_matched"
+    finally:
+        patch.undo()
+
+
+def test_a_left_out_fold_reports_both_filters(fold_run):
+    result, _ = fold_run
     assert result["config"]["layer"] == 2 and result["config"]["max_steps"] == 2  # --set wins over --quick
     (fold,) = result["folds"]
     assert fold["fold"] == "no_matched" and fold["test"]["harmful"] == fold["test"]["harmless"] > 0
@@ -34,7 +55,21 @@ def test_a_left_out_fold_reports_both_filters(eval_teacher, tiny_model_dir, tmp_
     assert fold["teacher"]["calibration"]["rule"] == "fpr"
     assert 0.0 <= fold["teacher"]["refusal_rate_harmful"] <= 1.0
     assert len(fold["teacher"]["samples"]["harmful"]) == 3
-    assert "| no_matched | ReFT teacher |" in capsys.readouterr().out
+
+
+def test_threshold_rules_rebuild_the_teachers_own_threshold(fold_run, tmp_path):
+    result, teacher = fold_run
+    out = tmp_path / "rules.json"
+    config = result["config"]
+    gap = config["threshold_gap"]
+    assert _script("threshold_rules").main([f"no_matched={teacher}", "--gaps", f"none,{gap},0.5", "--json", str(out)]) == 0
+    rows = {row["gap"]: row for row in json.loads(out.read_text())["rows"]}
+    # the calibration split is rebuilt from the manifest, so the build's own gap gives its saved threshold
+    saved = result["folds"][0]["teacher"]["threshold"]
+    assert rows[gap]["threshold"] == pytest.approx(saved, abs=1e-6)
+    assert rows[gap]["recall"] == pytest.approx(result["folds"][0]["teacher"]["recall"])
+    assert rows[0.5]["threshold"] == max(rows["none"]["threshold"], config["margin"] + 0.5)
+    assert rows[0.5]["recall"] <= rows["none"]["recall"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -43,6 +78,17 @@ def test_a_left_out_fold_reports_both_filters(eval_teacher, tiny_model_dir, tmp_
     (["--set", "max_steps=many"], "not a valid int"),
     (["--folds", "in_dist,no_matched", "--teacher", "somewhere"], "exactly one --folds"),
 ])
-def test_bad_arguments_exit_with_a_message(eval_teacher, argv, message):
+def test_bad_eval_teacher_arguments_exit_with_a_message(eval_teacher, argv, message):
     with pytest.raises(SystemExit, match=message):
         eval_teacher.main(argv)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["no_matched"], "expected FOLD=TEACHER_DIR"),
+    (["elsewhere=."], "expected FOLD=TEACHER_DIR"),
+    (["no_matched=/no/such/dir"], "expected FOLD=TEACHER_DIR"),
+    (["no_matched=.", "--gaps", "0,high"], "--gaps takes numbers"),
+])
+def test_bad_threshold_rules_arguments_exit_with_a_message(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        _script("threshold_rules").main(argv)

@@ -282,3 +282,13 @@ def test_config_override_parses_by_the_declared_type():
     for key, text in (("layer", "twelve"), ("max_steps", "1.5"), ("no_such_field", "1")):
         with pytest.raises(UserError):
             config.override(key, text)
+
+
+def test_config_round_trips_through_its_manifest():
+    import json
+
+    config = TeacherConfig(layer=7, lora_targets=("q_proj",), target_fpr=None, seed=3)
+    again = TeacherConfig.from_manifest(json.loads(json.dumps(config.manifest())))
+    assert again == config and isinstance(again.lora_targets, tuple)
+    older = {k: v for k, v in config.manifest().items() if k != "threshold_gap"} | {"retired_knob": 1}
+    assert TeacherConfig.from_manifest(older).threshold_gap == TeacherConfig.threshold_gap

@@ -72,7 +72,7 @@ class TeacherConfig:
     ce_harmless: int = 96
     target_recall: float | None = None  # set: threshold for this recall (overrides target_fpr)
     target_fpr: float | None = DEFAULT_TARGET_FPR
-    threshold_gap: float = 0.05       # the threshold is at least margin + threshold_gap, unanchored (see train_teacher)
+    threshold_gap: float = 0.0        # the threshold is at least margin + threshold_gap, unanchored (see train_teacher)
     checkpoint_every: int = 20
     seed: int = 0
     threads: int | None = None
@@ -496,9 +496,10 @@ def train_teacher(
                             progress=progress, desc="calibrating (harmful)")
     calib_b = prompt_hidden(peft_model, _encode(tokenizer, data.calib_harmless, config.max_prompt_tokens), pad_id, layer,
                             progress=progress, desc="calibrating (harmless)")
-    # The hinge leaves harmless prompts piled just under ``margin``, and benign prompts of unseen
-    # kinds scatter around it (arithmetic questions in the quickstart: 99th percentile 0.03 above
-    # it), so a rate-based threshold taken inside that pile would flag half of them: keep a gap.
+    # The hinge leaves the harmless calibration prompts piled just under ``margin``, and benign
+    # prompts of unseen kinds scatter around that pile, so a rate-based threshold taken inside it
+    # flags many of them (left-out HarmBench, seed 2: FPR 0.18 on edgy-benign at -0.117): never go
+    # below the margin (plus ``threshold_gap``; benchmarks/threshold_rules.py compares gaps).
     # The anchor holds harmless states where the untouched model has them (no pile at the margin, and
     # every score lower), so an anchored teacher takes the rule's threshold as it is.
     floor = config.margin + config.threshold_gap if config.anchor_weight == 0 else None

@@ -31,28 +31,23 @@ RECALL_TARGET, FPR_TARGET = 0.90, 0.10  # what issue 4 expects out of source
 def teacher_scores(fold: str, teacher_dir: str, records) -> dict:
     """Score one fold teacher: calibration scores (harmful, harmless) and left-out test scores.
 
-    Returns a dict with the teacher's seed, margin and saved threshold, and float32 [N] score
-    tensors ``calib_harmful``, ``calib_harmless``, ``test_harmful``, ``test_harmless``, ``edgy``.
+    Returns a dict with the teacher's config, seed and margin, and float32 [N] score tensors
+    ``calib_harmful``, ``calib_harmless``, ``test_harmful``, ``test_harmless``, ``edgy``.
     """
-    from refteacher.engine.teacher import TeacherConfig
-    from refteacher.engine.teacher_data import build_teacher_data
+    from refteacher.engine.teacher import TeacherConfig, teacher_data_for
     from refteacher.engine.teacher_dir import load_teacher, read_manifest
 
     manifest, _ = read_manifest(teacher_dir)
     config = TeacherConfig.from_manifest(manifest["teacher"]["config"])
     bh, bb, th, tb, edgy = fold_data(records, fold)
-    data = build_teacher_data(bh, bb, calib_fraction=config.calib_fraction,
-                              rephrase_per_prompt=config.rephrase_per_prompt,
-                              template_harmless=config.template_harmless, ce_harmless=config.ce_harmless,
-                              calib_rephrase=config.calib_rephrase, seed=config.seed)
+    data = teacher_data_for(config, bh, bb)
     teacher = load_teacher(teacher_dir, device="cpu")
     layer = int(manifest["layer"])
 
     def score(prompts):
         return _scores(teacher.model, teacher.tokenizer, prompts, layer, teacher.feature, config.max_prompt_tokens)
 
-    return {"fold": fold, "teacher": str(teacher_dir), "seed": config.seed, "margin": config.margin,
-            "saved_threshold": teacher.threshold, "config": config,
+    return {"fold": fold, "teacher": str(teacher_dir), "seed": config.seed, "margin": config.margin, "config": config,
             "calib_harmful": score(data.calib_harmful), "calib_harmless": score(data.calib_harmless),
             "test_harmful": score([r.prompt for r in th]), "test_harmless": score([r.prompt for r in tb]),
             "edgy": score([r.prompt for r in edgy])}

@@ -328,6 +328,18 @@ def _fingerprint(config: TeacherConfig, data, model_hash: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
+def teacher_data_for(config: TeacherConfig, harmful_records: Sequence, harmless_records: Sequence):
+    """The TeacherData (training, CE and calibration prompt lists) a build with ``config`` uses
+    on these labelled PromptRecords; deterministic, so a built teacher's split can be rebuilt."""
+    from refteacher.engine.teacher_data import build_teacher_data
+
+    return build_teacher_data(
+        harmful_records, harmless_records, calib_fraction=config.calib_fraction,
+        rephrase_per_prompt=config.rephrase_per_prompt, template_harmless=config.template_harmless,
+        ce_harmless=config.ce_harmless, calib_rephrase=config.calib_rephrase, seed=config.seed,
+    )
+
+
 def _reference_sample(prompt_ids: list[list[int]], size: int, seed: int, tag: str) -> list[list[int]]:
     rng = random.Random(f"reference-{tag}-{seed}")
     chosen = rng.sample(range(len(prompt_ids)), min(size, len(prompt_ids)))
@@ -364,7 +376,7 @@ def train_teacher(
     from refteacher.engine.prompt_states import PrefixCache, last_token_states, prompt_hidden
     from refteacher.engine.prompts import pad_token_id
     from refteacher.engine.refusals import refusal_for
-    from refteacher.engine.teacher_data import build_teacher_data, cached_answers
+    from refteacher.engine.teacher_data import cached_answers
     from refteacher.engine.teacher_dir import save_teacher_dir
     from refteacher.kernels.cosine import refusal_scores
     from tqdm.auto import tqdm
@@ -390,11 +402,7 @@ def train_teacher(
         raise UserError(f"--layer must be in 1..{total_layers} for this model, got {layer}")
     pad_id = pad_token_id(tokenizer)
 
-    data = build_teacher_data(
-        harmful_records, harmless_records, calib_fraction=config.calib_fraction,
-        rephrase_per_prompt=config.rephrase_per_prompt, template_harmless=config.template_harmless,
-        ce_harmless=config.ce_harmless, calib_rephrase=config.calib_rephrase, seed=config.seed,
-    )
+    data = teacher_data_for(config, harmful_records, harmless_records)
     if not data.calib_harmful or not data.calib_harmless:
         raise UserError("the calibration split is empty; give more prompts or a larger --calib-fraction")
     answers = cached_answers(model, tokenizer, data.ce_harmless, model_hash=model_hash,

@@ -176,13 +176,29 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0,
                    help="teacher seed (LoRA init, calibration split, rephrasings, batches); the fold split and the "
                         "prompts generated for stay fixed, so seeds compare on the same prompts")
-    p.add_argument("--teacher", default=None, help="evaluate this built teacher (one fold only) instead of training one")
+    p.add_argument("--teacher", default=None,
+                   help="evaluate this built teacher (one fold only) instead of training one; its model and config "
+                        "(for the baseline's calibration too) come from its manifest")
     p.add_argument("--work", default="benchmarks/results/eval_teacher_work", help="folder for the fold teachers")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TeacherConfig field, e.g. --set layer=16 or --set max_steps=30 (repeatable)")
     args = p.parse_args(argv)
-    config = TeacherConfig(seed=args.seed, threads=args.threads)
+    if args.teacher:
+        from refteacher.engine.teacher_dir import read_manifest
+
+        if args.set or args.seed or args.quick:
+            raise SystemExit("--teacher evaluates a built teacher with the config in its manifest: "
+                             "drop --set, --seed and --quick")
+        if len(args.folds.split(",")) != 1:
+            raise SystemExit("--teacher evaluates one teacher: give exactly one --folds value")
+        try:
+            manifest, _ = read_manifest(args.teacher)
+        except UserError as error:
+            raise SystemExit(str(error)) from None
+        args.model, config = manifest["model"], TeacherConfig.from_manifest(manifest["teacher"]["config"])
+    else:
+        config = TeacherConfig(seed=args.seed, threads=args.threads)
     if args.quick:
         config.max_steps, args.generate = 4, min(args.generate, 8)
     for item in args.set:
@@ -195,8 +211,6 @@ def main(argv=None) -> int:
             raise SystemExit(f"--set: {error}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.teacher and len(args.folds.split(",")) != 1:
-        raise SystemExit("--teacher evaluates one teacher: give exactly one --folds value")
     records = [r for name in ("advbench", "harmbench", "matched_pairs", "edgy_benign") for r in load_prompt_set(name)]
     results = []
     for fold in args.folds.split(","):

@@ -57,6 +57,20 @@ def test_a_left_out_fold_reports_both_filters(fold_run):
     assert len(fold["teacher"]["samples"]["harmful"]) == 3
 
 
+def test_a_built_teacher_is_evaluated_with_its_own_model_and_config(eval_teacher, fold_run, tmp_path, monkeypatch):
+    result, teacher = fold_run
+    monkeypatch.setenv("REFTEACHER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "again.json"
+    # no --model: the teacher's manifest names the tiny model, and its config (layer 2) calibrates the baseline
+    assert eval_teacher.main(["--teacher", str(teacher), "--folds", "no_matched", "--generate", "8",
+                              "--threads", "1", "--json", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert again["config"] == result["config"] and again["model"] == result["model"]
+    for name in ("baseline", "teacher"):
+        for key in ("auroc", "recall", "fpr_edgy", "threshold"):
+            assert again["folds"][0][name][key] == pytest.approx(result["folds"][0][name][key], abs=1e-6), (name, key)
+
+
 def test_threshold_rules_rebuild_the_teachers_own_threshold(fold_run, tmp_path):
     result, teacher = fold_run
     out = tmp_path / "rules.json"
@@ -77,6 +91,8 @@ def test_threshold_rules_rebuild_the_teachers_own_threshold(fold_run, tmp_path):
     (["--set", "no_such_field=1"], "no field 'no_such_field'"),
     (["--set", "max_steps=many"], "not a valid int"),
     (["--folds", "in_dist,no_matched", "--teacher", "somewhere"], "exactly one --folds"),
+    (["--folds", "in_dist", "--teacher", "somewhere", "--seed", "1"], "drop --set, --seed and --quick"),
+    (["--folds", "in_dist", "--teacher", "/no/such/teacher"], "not a teacher directory"),
 ])
 def test_bad_eval_teacher_arguments_exit_with_a_message(eval_teacher, argv, message):
     with pytest.raises(SystemExit, match=message):

@@ -131,10 +131,10 @@ def iter_last_token_states(
     sets) run once. ``progress``: False, True or a tqdm description.
     """
     from refteacher.engine.prompt_states import iter_prompt_states
-    from refteacher.engine.prompts import encode_prompts
+    from refteacher.engine.prompts import encode_prompts, pad_token_id
 
     ids, _ = encode_prompts(tokenizer, _prompt_texts(prompts), max_tokens=max_tokens)
-    yield from iter_prompt_states(model, ids, tokenizer.pad_token_id, layers, batch_size, prefix_cache=prefix_cache,
+    yield from iter_prompt_states(model, ids, pad_token_id(tokenizer), layers, batch_size, prefix_cache=prefix_cache,
                                   progress=bool(progress), desc=progress if isinstance(progress, str) else "prompts")
 
 

@@ -126,3 +126,13 @@ def test_a_batch_size_below_one_is_a_user_error(tiny_family_model, prompt_ids):
         prompt_hidden(model, ids, tokenizer.pad_token_id, 2, batch_size=0)
     with pytest.raises(UserError, match="batch size must be at least 1, got -1"):
         collect_last_token_states(model, tokenizer, PROMPTS, [2], batch_size=-1)
+
+
+def test_states_of_a_tokenizer_without_a_pad_token(tiny_family_model, tiny_model_dir):
+    # Llama-style tokenizers ship no pad token: prompts are padded with EOS (always masked out)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = _model(tiny_family_model, tokenizer, "llama")
+    with_pad = collect_last_token_states(model, tokenizer, PROMPTS, [2], batch_size=3)
+    tokenizer.pad_token = None
+    assert tokenizer.pad_token_id is None
+    torch.testing.assert_close(collect_last_token_states(model, tokenizer, PROMPTS, [2], batch_size=3), with_pad)

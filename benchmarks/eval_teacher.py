@@ -60,12 +60,12 @@ def fold_data(records, fold: str, seed: int = 0):
 
 
 def _hidden(model, tokenizer, prompts, layer, max_tokens):
-    """Hidden states [N, H] float32 after ``layer`` at the last token of each chat-rendered prompt."""
-    from refteacher.engine.prompt_states import prompt_hidden
-    from refteacher.engine.prompts import encode_prompts, pad_token_id
+    """Hidden states [N, H] float32 after ``layer`` at the last token of each chat-rendered prompt,
+    batched as the teacher's calibration batches them (32 prompts)."""
+    from refteacher.engine.feature import collect_last_token_states
 
-    ids, _ = encode_prompts(tokenizer, list(prompts), max_tokens=max_tokens)
-    return prompt_hidden(model, ids, pad_token_id(tokenizer), layer, progress=True)
+    return collect_last_token_states(model, tokenizer, prompts, [layer], 32, max_tokens=max_tokens,
+                                     progress="scoring")[:, 0]
 
 
 def _scores(model, tokenizer, prompts, layer, feature, max_tokens):

@@ -326,8 +326,7 @@ def _score_batch(model, feature: torch.Tensor, layer: int, batch: _Batch, device
     if batch.position_ids is None:
         decoder_kwargs = None
         if prefix is not None:  # a window with a prefix keeps every batch's mask
-            decoder_kwargs = prefix.decoder_kwargs(input_ids.shape[0], input_ids.shape[1], mask)
-            mask = decoder_kwargs.pop("attention_mask")
+            mask, decoder_kwargs = prefix.continue_with(mask)
         hidden = forward_to_layers(model, input_ids, mask, [layer], decoder_kwargs=decoder_kwargs)[0]
         scores = refusal_scores(hidden, feature, last)
     else:

@@ -75,21 +75,21 @@ class PrefixCache:
                 raise ValueError("a sequence does not start with the cached prefix (or is no longer than it)")
         return [seq[n:] for seq in seqs]
 
-    def decoder_kwargs(self, batch: int, width: int, attention_mask: torch.Tensor) -> dict[str, Any]:
-        """Decoder kwargs for ``batch`` rows of ``width`` tokens that follow the prefix.
+    def continue_with(self, attention_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The decoder inputs for a batch whose rows follow the prefix.
 
-        ``attention_mask`` [batch, width] covers those tokens; the returned kwargs hold a batch copy
-        of the cache (the original is left as it is), the mask widened to cover the prefix, and
-        position ids that continue after it.
+        ``attention_mask`` [B, T] covers the batch's own tokens. Returns (the mask widened over the
+        prefix [B, len(prefix) + T], the other decoder kwargs: a batch copy of the cache, the
+        original left as it is, ``use_cache`` and position ids [B, T] that continue after it).
         """
+        batch, width = attention_mask.shape
         cache = copy.copy(self.cache)
         cache.layers = [copy.copy(layer) for layer in self.cache.layers]  # layers rebind, never mutate
         cache.batch_repeat_interleave(batch)
-        device = attention_mask.device
         n = len(self.ids)
         mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
-        positions = torch.arange(n, n + width, device=device).expand(batch, width)
-        return {self.cache_kwarg: cache, "use_cache": True, "position_ids": positions, "attention_mask": mask}
+        positions = torch.arange(n, n + width, device=attention_mask.device).expand(batch, width)
+        return mask, {self.cache_kwarg: cache, "use_cache": True, "position_ids": positions}
 
 
 def last_token_states(model, ids: Sequence[Sequence[int]], pad_id: int, layers: Sequence[int],
@@ -110,8 +110,7 @@ def last_token_states(model, ids: Sequence[Sequence[int]], pad_id: int, layers: 
     if prefix.depth < max(layers):
         raise ValueError(f"the prefix cache reaches layer {prefix.depth}, not {max(layers)}")
     input_ids, mask, last = right_pad(prefix.strip(ids), pad_id, device=device)
-    extra = prefix.decoder_kwargs(input_ids.shape[0], input_ids.shape[1], mask)
-    mask = extra.pop("attention_mask")
+    mask, extra = prefix.continue_with(mask)
     return forward_to_layers(model, input_ids, mask, layers, positions=last, decoder_kwargs=extra)
 
 

@@ -199,11 +199,10 @@ def response_ce(model, examples: Sequence[tuple[list[int], list[int]]], pad_id: 
     skip = len(prefix) if prefix is not None else 0
     batch = pad_examples([(ids[skip:], labels[skip:]) for ids, labels in examples], pad_id)
     input_ids, labels, mask = (batch[k].to(device) for k in ("input_ids", "labels", "attention_mask"))
-    if prefix is None:
-        kwargs = {"attention_mask": mask, "use_cache": False}
-    else:
-        kwargs = prefix.decoder_kwargs(input_ids.shape[0], input_ids.shape[1], mask)
-    hidden = decoder_module(model)(input_ids=input_ids, **kwargs).last_hidden_state
+    kwargs: dict = {"use_cache": False}
+    if prefix is not None:
+        mask, kwargs = prefix.continue_with(mask)
+    hidden = decoder_module(model)(input_ids=input_ids, attention_mask=mask, **kwargs).last_hidden_state
     labelled, targets = shifted_targets(labels)
     weight, bias = lm_head_of(model)
     return linear_cross_entropy(hidden[labelled], weight, targets, bias=bias)

@@ -565,12 +565,16 @@ def default_records(test_fraction: float, seed: int) -> tuple[list, list, list]:
     return [r for r in build if r.label == "harmful"], [r for r in build if r.label == "benign"], test
 
 
-def _run(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> TeacherConfig:
+    """Return the TeacherConfig that ``refteacher teacher``'s parsed arguments ask for.
+
+    Raises UserError for a threshold target out of range.
+    """
     if not 0.0 <= args.target_fpr < 1.0:
         raise UserError(f"--target-fpr must be in [0, 1), got {args.target_fpr}")
     if args.target_recall is not None and not 0.0 < args.target_recall <= 1.0:
         raise UserError(f"--target-recall must be in (0, 1], got {args.target_recall}")
-    config = TeacherConfig(
+    return TeacherConfig(
         layer=args.layer, lora_rank=args.lora_rank, learning_rate=args.lr, max_steps=args.max_steps,
         feature_weight=args.feature_weight, anchor_weight=args.anchor_weight, margin=args.margin,
         harmful_target=args.harmful_target,
@@ -582,6 +586,10 @@ def _run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed, threads=args.threads,
     )
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
     if args.harmful or args.harmless:
         if not (args.harmful and args.harmless):
             raise UserError("give both --harmful and --harmless prompt sets (or neither, for the built-in sets)")
@@ -602,6 +610,7 @@ def add_cli(subparsers) -> None:
     """Register ``refteacher teacher``."""
     from refteacher.engine.models import DEFAULT_MODEL
 
+    C = TeacherConfig  # every default below is the config's
     p = subparsers.add_parser(
         "teacher", help="train a ReFT teacher (LoRA: refusal SFT + feature loss) and calibrate its threshold",
         description=(
@@ -617,36 +626,43 @@ def add_cli(subparsers) -> None:
     p.add_argument("--harmless", nargs="+", default=[], help="harmless prompt sets (names or files)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="built-in data held out from building (default 0.2)")
     p.add_argument("--layer", type=int, default=None, help="feature layer N; LoRA goes on decoder layers 1..N, the ones that compute it (default: two thirds of the depth, 20 of 30 for SmolLM2)")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    p.add_argument("--max-steps", type=int, default=60, help="training steps (default 60)")
-    p.add_argument("--feature-weight", type=float, default=1.0, help="lambda, weight of the feature loss")
-    p.add_argument("--anchor-weight", type=float, default=TeacherConfig.anchor_weight,
+    p.add_argument("--lora-rank", type=int, default=C.lora_rank, help=f"LoRA rank (default {C.lora_rank})")
+    p.add_argument("--lr", type=float, default=C.learning_rate, help=f"learning rate (default {C.learning_rate:g})")
+    p.add_argument("--max-steps", type=int, default=C.max_steps, help=f"training steps (default {C.max_steps})")
+    p.add_argument("--feature-weight", type=float, default=C.feature_weight,
+                   help=f"lambda, weight of the feature loss beside the CE (default {C.feature_weight})")
+    p.add_argument("--anchor-weight", type=float, default=C.anchor_weight,
                    help="weight of a term holding feature-layer states near the untouched model's: it helps on unseen "
                         "sources the untouched model already separates, and hurts on same-style harmful/harmless pairs "
-                        f"(default {TeacherConfig.anchor_weight}: off)")
-    p.add_argument("--margin", type=float, default=0.0, help="harmless prompts are pushed below this cosine")
-    p.add_argument("--threshold-gap", type=float, default=TeacherConfig.threshold_gap,
+                        f"(default {C.anchor_weight}: off)")
+    p.add_argument("--margin", type=float, default=C.margin,
+                   help=f"harmless prompts are pushed below this cosine (default {C.margin})")
+    p.add_argument("--threshold-gap", type=float, default=C.threshold_gap,
                    help="the threshold is never below --margin plus this, whatever the rule picks "
-                        f"(default {TeacherConfig.threshold_gap}; "
+                        f"(default {C.threshold_gap}; "
                         "not applied with --anchor-weight, whose harmless scores sit well below the margin)")
-    p.add_argument("--harmful-target", type=float, default=0.5,
+    p.add_argument("--harmful-target", type=float, default=C.harmful_target,
                    help="harmful prompts are pushed above this cosine (a hinge; 1.0 pushes them all the way, "
-                        "which fits the training sets' style and generalises worse; default 0.5)")
-    p.add_argument("--refresh-every", type=int, default=10, help="steps between feature re-estimates")
-    p.add_argument("--calib-fraction", type=float, default=0.25, help="share of each set kept for calibration")
-    p.add_argument("--rephrase", type=int, default=3, help="rephrasings per training prompt (default 3)")
-    p.add_argument("--calib-rephrase", type=int, default=5,
-                   help="rephrasings per harmful calibration prompt, so the threshold holds across styles (default 5)")
-    p.add_argument("--template-harmless", type=int, default=400, help="template-written harmless prompts added")
+                        f"which fits the training sets' style and generalises worse; default {C.harmful_target})")
+    p.add_argument("--refresh-every", type=int, default=C.refresh_every,
+                   help=f"steps between re-estimates of the refusal feature from the teacher (default {C.refresh_every})")
+    p.add_argument("--calib-fraction", type=float, default=C.calib_fraction,
+                   help=f"share of each set kept out of training to calibrate the threshold (default {C.calib_fraction})")
+    p.add_argument("--rephrase", type=int, default=C.rephrase_per_prompt,
+                   help=f"rephrasings per training prompt (default {C.rephrase_per_prompt})")
+    p.add_argument("--calib-rephrase", type=int, default=C.calib_rephrase,
+                   help=f"rephrasings per harmful calibration prompt, so the threshold holds across styles (default {C.calib_rephrase})")
+    p.add_argument("--template-harmless", type=int, default=C.template_harmless,
+                   help=f"template-written harmless prompts added (default {C.template_harmless})")
     rule = p.add_mutually_exclusive_group()
     rule.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR,
                       help=f"threshold: the lowest with this false-positive rate on the harmless calibration prompts "
                            f"(default {DEFAULT_TARGET_FPR}; it carries over to unseen prompts better than a recall target)")
     rule.add_argument("--target-recall", type=float, default=None,
                       help="threshold: the highest keeping this recall on the harmful calibration prompts instead")
-    p.add_argument("--checkpoint-every", type=int, default=20, help="steps between checkpoints")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=C.checkpoint_every,
+                   help=f"steps between checkpoints; a rerun resumes from the last (default {C.checkpoint_every})")
+    p.add_argument("--seed", type=int, default=C.seed, help=f"seed of the splits, rephrasings, LoRA init and batches (default {C.seed})")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)

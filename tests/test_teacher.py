@@ -267,6 +267,16 @@ def test_cli_rejects_out_of_range_settings(flag, value, message, tmp_path, capsy
     assert not (tmp_path / "t").exists()
 
 
+def test_cli_defaults_are_the_configs():
+    from refteacher.engine.cli import build_parser
+    from refteacher.engine.teacher import config_from_args
+
+    assert config_from_args(build_parser().parse_args(["teacher", "--out", "t"])) == TeacherConfig()
+    args = build_parser().parse_args(["teacher", "--out", "t", "--lr", "5e-4", "--target-recall", "0.9", "--seed", "3"])
+    config = config_from_args(args)
+    assert (config.learning_rate, config.target_recall, config.target_fpr, config.seed) == (5e-4, 0.9, None, 3)
+
+
 def test_config_override_parses_by_the_declared_type():
     from refteacher.engine.errors import UserError
 

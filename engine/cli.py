@@ -20,6 +20,18 @@ _COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help, except where the help already speaks of its
+    default or X says nothing (None, or the True/False of an on/off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is argparse.SUPPRESS \
+                or isinstance(action.default, bool):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the top-level argument parser with every available subcommand registered."""
     parser = argparse.ArgumentParser(

@@ -25,3 +25,18 @@ def test_console_script_help_runs_as_a_process():
     )
     assert done.returncode == 0, done.stderr
     assert "refusal" in done.stdout.lower()
+
+
+def test_every_subcommand_help_states_meaningful_defaults_only():
+    import argparse
+    import re
+
+    from refteacher.engine.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"teacher", "filter", "finetune", "eval"} <= set(commands)
+    for name, sub in commands.items():
+        text = " ".join(sub.format_help().split())  # argparse wraps lines
+        assert not re.search(r"\(default: (None|True|False)\)", text), name
+    finetune = " ".join(commands["finetune"].format_help().split())
+    assert "weight of the KL term (default: 1.0)" in finetune

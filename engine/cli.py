@@ -22,14 +22,23 @@ _COMMAND_MODULES: tuple[str, ...] = (
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" to an option's help, except where the help already speaks of its
-    default or X says nothing (None, or the True/False of an on/off switch)."""
+    default or X says nothing (None, an empty list or string, or the True/False of a switch)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default is None or action.default is argparse.SUPPRESS \
-                or isinstance(action.default, bool):
+        default = action.default
+        if "default" in text or default is None or default is argparse.SUPPRESS or isinstance(default, bool) \
+                or (isinstance(default, (list, tuple, str)) and not default):
             return text
         return super()._get_help_string(action)
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """The parser of every subcommand: its --help states the defaults (``DefaultsHelpFormatter``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"refteacher {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
     for name in _COMMAND_MODULES:
         importlib.import_module(f"refteacher.engine.{name}").add_cli(subparsers)
     return parser

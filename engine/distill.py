@@ -522,8 +522,6 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
 
 def add_cli(subparsers) -> None:
     """Register ``refteacher finetune``."""
-    from refteacher.engine.cli import DefaultsHelpFormatter
-
     p = subparsers.add_parser(
         "finetune",
         help="LoRA-finetune a student on kept data, distilling the teacher's alignment (ReFT)",
@@ -534,7 +532,6 @@ def add_cli(subparsers) -> None:
             "OUT/adapter, OUT/finetune.json and OUT/checkpoints. With --baseline sft: plain LoRA "
             "finetuning on --data with no teacher."
         ),
-        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--student", default=None, help="student model (directory, hub id or alias); default: the teacher's model")
     p.add_argument("--teacher", default=None, help="teacher directory written by `refteacher teacher`")

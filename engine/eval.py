@@ -256,8 +256,6 @@ def evaluate(
 
 def add_cli(subparsers) -> None:
     """Register ``refteacher eval``."""
-    from refteacher.engine.cli import DefaultsHelpFormatter
-
     p = subparsers.add_parser(
         "eval",
         help="harmful score, task accuracy and filter metrics of a model (+ LoRA adapter)",
@@ -267,7 +265,6 @@ def add_cli(subparsers) -> None:
             "the task accuracy (exact answers on a held-out task split). With --filter-scores, also "
             "the filter's AUROC, precision, recall, F1 and false-positive rate."
         ),
-        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--model", default=None, help="model directory, hub id or alias (default: the built-in model)")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (e.g. OUT/adapter of `refteacher finetune`)")

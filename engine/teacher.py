@@ -624,19 +624,19 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", required=True, help="teacher directory to write")
     p.add_argument("--harmful", nargs="+", default=[], help="harmful prompt sets (names or files)")
     p.add_argument("--harmless", nargs="+", default=[], help="harmless prompt sets (names or files)")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="built-in data held out from building (default 0.2)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="built-in data held out from building")
     p.add_argument("--layer", type=int, default=None, help="feature layer N; LoRA goes on decoder layers 1..N, the ones that compute it (default: two thirds of the depth, 20 of 30 for SmolLM2)")
-    p.add_argument("--lora-rank", type=int, default=C.lora_rank, help=f"LoRA rank (default {C.lora_rank})")
-    p.add_argument("--lr", type=float, default=C.learning_rate, help=f"learning rate (default {C.learning_rate:g})")
-    p.add_argument("--max-steps", type=int, default=C.max_steps, help=f"training steps (default {C.max_steps})")
+    p.add_argument("--lora-rank", type=int, default=C.lora_rank, help="LoRA rank")
+    p.add_argument("--lr", type=float, default=C.learning_rate, help="learning rate")
+    p.add_argument("--max-steps", type=int, default=C.max_steps, help="training steps")
     p.add_argument("--feature-weight", type=float, default=C.feature_weight,
-                   help=f"lambda, weight of the feature loss beside the CE (default {C.feature_weight})")
+                   help="lambda, weight of the feature loss beside the CE")
     p.add_argument("--anchor-weight", type=float, default=C.anchor_weight,
                    help="weight of a term holding feature-layer states near the untouched model's: it helps on unseen "
                         "sources the untouched model already separates, and hurts on same-style harmful/harmless pairs "
                         f"(default {C.anchor_weight}: off)")
     p.add_argument("--margin", type=float, default=C.margin,
-                   help=f"harmless prompts are pushed below this cosine (default {C.margin})")
+                   help="harmless prompts are pushed below this cosine")
     p.add_argument("--threshold-gap", type=float, default=C.threshold_gap,
                    help="the threshold is never below --margin plus this, whatever the rule picks "
                         f"(default {C.threshold_gap}; "
@@ -645,15 +645,15 @@ def add_cli(subparsers) -> None:
                    help="harmful prompts are pushed above this cosine (a hinge; 1.0 pushes them all the way, "
                         f"which fits the training sets' style and generalises worse; default {C.harmful_target})")
     p.add_argument("--refresh-every", type=int, default=C.refresh_every,
-                   help=f"steps between re-estimates of the refusal feature from the teacher (default {C.refresh_every})")
+                   help="steps between re-estimates of the refusal feature from the teacher")
     p.add_argument("--calib-fraction", type=float, default=C.calib_fraction,
-                   help=f"share of each set kept out of training to calibrate the threshold (default {C.calib_fraction})")
+                   help="share of each set kept out of training to calibrate the threshold")
     p.add_argument("--rephrase", type=int, default=C.rephrase_per_prompt,
-                   help=f"rephrasings per training prompt (default {C.rephrase_per_prompt})")
+                   help="rephrasings per training prompt")
     p.add_argument("--calib-rephrase", type=int, default=C.calib_rephrase,
-                   help=f"rephrasings per harmful calibration prompt, so the threshold holds across styles (default {C.calib_rephrase})")
+                   help="rephrasings per harmful calibration prompt, so the threshold holds across styles")
     p.add_argument("--template-harmless", type=int, default=C.template_harmless,
-                   help=f"template-written harmless prompts added (default {C.template_harmless})")
+                   help="template-written harmless prompts added")
     rule = p.add_mutually_exclusive_group()
     rule.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR,
                       help=f"threshold: the lowest with this false-positive rate on the harmless calibration prompts "
@@ -661,8 +661,8 @@ def add_cli(subparsers) -> None:
     rule.add_argument("--target-recall", type=float, default=None,
                       help="threshold: the highest keeping this recall on the harmful calibration prompts instead")
     p.add_argument("--checkpoint-every", type=int, default=C.checkpoint_every,
-                   help=f"steps between checkpoints; a rerun resumes from the last (default {C.checkpoint_every})")
-    p.add_argument("--seed", type=int, default=C.seed, help=f"seed of the splits, rephrasings, LoRA init and batches (default {C.seed})")
+                   help="steps between checkpoints; a rerun resumes from the last")
+    p.add_argument("--seed", type=int, default=C.seed, help="seed of the splits, rephrasings, LoRA init and batches")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)

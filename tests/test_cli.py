@@ -37,6 +37,8 @@ def test_every_subcommand_help_states_meaningful_defaults_only():
     assert {"teacher", "filter", "finetune", "eval"} <= set(commands)
     for name, sub in commands.items():
         text = " ".join(sub.format_help().split())  # argparse wraps lines
-        assert not re.search(r"\(default: (None|True|False)\)", text), name
+        assert not re.search(r"\(default: (None|True|False|\[\]|)\)", text), name
     finetune = " ".join(commands["finetune"].format_help().split())
     assert "weight of the KL term (default: 1.0)" in finetune
+    teacher = " ".join(commands["teacher"].format_help().split())
+    assert "training steps (default: 60)" in teacher

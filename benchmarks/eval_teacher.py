@@ -173,9 +173,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer steps and generations (a smoke run)")
     p.add_argument("--generate", type=int, default=40, help="held-out prompts per class to generate answers for")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=int, default=None,
                    help="teacher seed (LoRA init, calibration split, rephrasings, batches); the fold split and the "
-                        "prompts generated for stay fixed, so seeds compare on the same prompts")
+                        "prompts generated for stay fixed, so seeds compare on the same prompts (default 0)")
     p.add_argument("--teacher", default=None,
                    help="evaluate this built teacher (one fold only) instead of training one; its model and config "
                         "(for the baseline's calibration too) come from its manifest")
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     if args.teacher:
         from refteacher.engine.teacher_dir import read_manifest
 
-        if args.set or args.seed or args.quick:
+        if args.set or args.seed is not None or args.quick:
             raise SystemExit("--teacher evaluates a built teacher with the config in its manifest: "
                              "drop --set, --seed and --quick")
         if len(args.folds.split(",")) != 1:
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
             raise SystemExit(str(error)) from None
         args.model, config = manifest["model"], TeacherConfig.from_manifest(manifest["teacher"]["config"])
     else:
-        config = TeacherConfig(seed=args.seed, threads=args.threads)
+        config = TeacherConfig(seed=0 if args.seed is None else args.seed, threads=args.threads)
     if args.quick:
         config.max_steps, args.generate = 4, min(args.generate, 8)
     for item in args.set:

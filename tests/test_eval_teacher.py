@@ -92,6 +92,7 @@ def test_threshold_rules_rebuild_the_teachers_own_threshold(fold_run, tmp_path):
     (["--set", "max_steps=many"], "not a valid int"),
     (["--folds", "in_dist,no_matched", "--teacher", "somewhere"], "exactly one --folds"),
     (["--folds", "in_dist", "--teacher", "somewhere", "--seed", "1"], "drop --set, --seed and --quick"),
+    (["--folds", "in_dist", "--teacher", "somewhere", "--seed", "0"], "drop --set, --seed and --quick"),
     (["--folds", "in_dist", "--teacher", "/no/such/teacher"], "not a teacher directory"),
 ])
 def test_bad_eval_teacher_arguments_exit_with_a_message(eval_teacher, argv, message):

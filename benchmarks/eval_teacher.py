@@ -94,7 +94,7 @@ def baseline(model, tokenizer, layer, bh, bb, th, tb, edgy, config):
 
     data = build_teacher_data(bh, bb, calib_fraction=config.calib_fraction, rephrase_per_prompt=0,
                               template_harmless=config.template_harmless, ce_harmless=0,
-                              calib_rephrase=config.calib_rephrase, seed=config.seed)
+                              calib_rephrase=config.calib_rephrase, seed=config.build_data_seed)
     tokens = config.max_prompt_tokens
     feature = difference_of_means(_hidden(model, tokenizer, data.train_harmful, layer, tokens),
                                   _hidden(model, tokenizer, data.train_harmless, layer, tokens))
@@ -174,8 +174,9 @@ def main(argv=None) -> int:
     p.add_argument("--generate", type=int, default=40, help="held-out prompts per class to generate answers for")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=None,
-                   help="teacher seed (LoRA init, calibration split, rephrasings, batches); the fold split and the "
-                        "prompts generated for stay fixed, so seeds compare on the same prompts (default 0)")
+                   help="teacher seed (LoRA init, batches, and the build data: calibration split, rephrasings, "
+                        "templates; --set data_seed=N seeds the data alone); the fold split and the prompts generated "
+                        "for stay fixed, so seeds compare on the same prompts (default 0)")
     p.add_argument("--teacher", default=None,
                    help="evaluate this built teacher (one fold only) instead of training one; its model and config "
                         "(for the baseline's calibration too) come from its manifest")

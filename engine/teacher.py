@@ -74,7 +74,8 @@ class TeacherConfig:
     target_fpr: float | None = DEFAULT_TARGET_FPR
     threshold_gap: float = 0.0        # the threshold is at least margin + threshold_gap, unanchored (see train_teacher)
     checkpoint_every: int = 20
-    seed: int = 0
+    seed: int = 0                     # LoRA init, batches, reference sample, refusal wording (and the data, below)
+    data_seed: int | None = None      # calibration split, template prompts, rephrasings, CE prompts; None: seed
     threads: int | None = None
 
     def override(self, key: str, text: str) -> None:
@@ -100,6 +101,11 @@ class TeacherConfig:
         except ValueError:
             raise UserError(f"{key}: {text!r} is not a valid {getattr(kind, '__name__', kind)}") from None
         setattr(self, key, value)
+
+    @property
+    def build_data_seed(self) -> int:
+        """The seed that picks the build data: ``data_seed``, or ``seed`` when that is None."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def manifest(self) -> dict[str, Any]:
         """Return the config as a JSON-ready dict."""
@@ -335,7 +341,7 @@ def teacher_data_for(config: TeacherConfig, harmful_records: Sequence, harmless_
     return build_teacher_data(
         harmful_records, harmless_records, calib_fraction=config.calib_fraction,
         rephrase_per_prompt=config.rephrase_per_prompt, template_harmless=config.template_harmless,
-        ce_harmless=config.ce_harmless, calib_rephrase=config.calib_rephrase, seed=config.seed,
+        ce_harmless=config.ce_harmless, calib_rephrase=config.calib_rephrase, seed=config.build_data_seed,
     )
 
 
@@ -584,7 +590,7 @@ def config_from_args(args: argparse.Namespace) -> TeacherConfig:
         target_recall=args.target_recall,
         target_fpr=None if args.target_recall is not None else args.target_fpr,
         checkpoint_every=args.checkpoint_every,
-        seed=args.seed, threads=args.threads,
+        seed=args.seed, data_seed=args.data_seed, threads=args.threads,
     )
 
 
@@ -596,7 +602,7 @@ def _run(args: argparse.Namespace) -> int:
         harmful, harmless = load_labelled(args.harmful, args.harmless)
         test = []
     else:
-        harmful, harmless, test = default_records(args.test_fraction, args.seed)
+        harmful, harmless, test = default_records(args.test_fraction, config.build_data_seed)
     result = train_teacher(args.model, harmful, harmless, args.out, config, progress=not args.quiet)
     summary = {"teacher": str(result.path), "layer": result.layer, "threshold": result.threshold,
                "calibration": result.calibration, "build_seconds": round(result.seconds, 1)}
@@ -662,7 +668,11 @@ def add_cli(subparsers) -> None:
                       help="threshold: the highest keeping this recall on the harmful calibration prompts instead")
     p.add_argument("--checkpoint-every", type=int, default=C.checkpoint_every,
                    help="steps between checkpoints; a rerun resumes from the last")
-    p.add_argument("--seed", type=int, default=C.seed, help="seed of the splits, rephrasings, LoRA init and batches")
+    p.add_argument("--seed", type=int, default=C.seed,
+                   help="seed of the LoRA init and the batches, and of the data unless --data-seed is given")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="seed of the build data alone: the test and calibration splits, template prompts, rephrasings "
+                        "and CE prompts (default: --seed). Two builds differing only in --seed see the same prompts")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)

@@ -275,6 +275,22 @@ def test_cli_defaults_are_the_configs():
     args = build_parser().parse_args(["teacher", "--out", "t", "--lr", "5e-4", "--target-recall", "0.9", "--seed", "3"])
     config = config_from_args(args)
     assert (config.learning_rate, config.target_recall, config.target_fpr, config.seed) == (5e-4, 0.9, None, 3)
+    assert (config.data_seed, config.build_data_seed) == (None, 3)
+    config = config_from_args(build_parser().parse_args(["teacher", "--out", "t", "--seed", "3", "--data-seed", "1"]))
+    assert (config.seed, config.data_seed, config.build_data_seed) == (3, 1, 1)
+
+
+def test_data_seed_picks_the_data_alone():
+    """The build data follows data_seed (seed when None); the training seed does not move it."""
+    from refteacher.engine.teacher import teacher_data_for
+
+    harmful, harmless = _records()
+    def data(**kw):
+        d = teacher_data_for(TeacherConfig(template_harmless=40, **kw), harmful, harmless)
+        return d.train_harmful, d.train_harmless, d.calib_harmful, d.calib_harmless, d.ce_harmless
+
+    assert data(seed=5, data_seed=2) == data(seed=2) == data(seed=7, data_seed=2)
+    assert data(seed=5, data_seed=2) != data(seed=5)
 
 
 def test_config_override_parses_by_the_declared_type():
@@ -302,3 +318,5 @@ def test_config_round_trips_through_its_manifest():
     assert again == config and isinstance(again.lora_targets, tuple)
     older = {k: v for k, v in config.manifest().items() if k != "threshold_gap"} | {"retired_knob": 1}
     assert TeacherConfig.from_manifest(older).threshold_gap == TeacherConfig.threshold_gap
+    before_data_seed = {k: v for k, v in config.manifest().items() if k != "data_seed"}
+    assert TeacherConfig.from_manifest(before_data_seed).build_data_seed == config.seed  # built with seed's data

@@ -89,12 +89,12 @@ def _figures(scores_h, scores_b, scores_edgy, threshold):
 
 def baseline(model, tokenizer, layer, bh, bb, th, tb, edgy, config):
     """Raw difference-of-means feature of the untouched model, calibrated like the teacher."""
-    from refteacher.engine.teacher import calibrate, difference_of_means
-    from refteacher.engine.teacher_data import build_teacher_data
+    from dataclasses import replace
 
-    data = build_teacher_data(bh, bb, calib_fraction=config.calib_fraction, rephrase_per_prompt=0,
-                              template_harmless=config.template_harmless, ce_harmless=0,
-                              calib_rephrase=config.calib_rephrase, seed=config.build_data_seed)
+    from refteacher.engine.teacher import calibrate, difference_of_means, teacher_data_for
+
+    # The teacher's own split, calibration prompts and templates; no training rephrasings or CE prompts.
+    data = teacher_data_for(replace(config, rephrase_per_prompt=0, ce_harmless=0), bh, bb)
     tokens = config.max_prompt_tokens
     feature = difference_of_means(_hidden(model, tokenizer, data.train_harmful, layer, tokens),
                                   _hidden(model, tokenizer, data.train_harmless, layer, tokens))

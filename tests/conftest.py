@@ -5,9 +5,11 @@ would for the default model) but 4 layers of width 64, so engine tests run in se
 """
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 # Triton reads TRITON_INTERPRET once, when it is first imported (torch and transformers may import
@@ -15,6 +17,14 @@ from pathlib import Path
 # interpreter under test. Where a GPU is present they compile for real.
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# No test reads or writes state outside the clone and this run: Triton's kernel cache and the
+# refteacher cache (dequantised models, cached answers, teachers) start empty in a folder of their
+# own, so a run on a fresh machine sees exactly what this one does.
+_RUN_STATE = Path(tempfile.mkdtemp(prefix="refteacher-tests-"))
+atexit.register(shutil.rmtree, _RUN_STATE, ignore_errors=True)
+os.environ["TRITON_CACHE_DIR"] = str(_RUN_STATE / "triton")
+os.environ["REFTEACHER_CACHE"] = str(_RUN_STATE / "refteacher")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

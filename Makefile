@@ -42,4 +42,4 @@ bench: install
 	$(PY) benchmarks/bench_finetune.py --quick
 
 clean:
-	rm -rf build *.egg-info engine/_packer*.so .pytest_cache
+	rm -rf build *.egg-info engine/data/_packer*.so .pytest_cache

@@ -18,7 +18,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
-    environment, exact_cpu_rss, format_table, peak_memory, time_call, write_json,
+    environment,
+    exact_cpu_rss,
+    format_table,
+    peak_memory,
+    time_call,
+    write_json,
 )
 
 from refteacher.kernels.cosine import refusal_scores, refusal_scores_reference  # noqa: E402

@@ -6,7 +6,7 @@ feature, in one process:
 - naive: what a user would write: prompts in input order, batches of ``--naive-batch-size``
   padded to their longest row, a full forward with ``output_hidden_states=True`` (every layer and
   the LM head), the last prompt token's hidden state at the feature layer, ``F.cosine_similarity``.
-- filter: ``refteacher.engine.filter.run_filter`` end to end on a JSONL file (reading, chat
+- filter: ``refteacher.engine.filter.run.run_filter`` end to end on a JSONL file (reading, chat
   template, length-sorted batches of ``--batch-tokens``, forward stopped at the feature layer,
   fused scoring, the three output files with checkpoints).
 
@@ -33,12 +33,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import environment, format_table, peak_memory, write_json  # noqa: E402
 
-from refteacher.engine.data import open_source  # noqa: E402
-from refteacher.engine.filter import FilterOptions, run_filter  # noqa: E402
-from refteacher.engine.models import DEFAULT_MODEL, hidden_at, load_model, load_tokenizer, model_fingerprint  # noqa: E402
-from refteacher.engine.models import num_layers  # noqa: E402
-from refteacher.engine.prompts import encode_prompts, right_pad  # noqa: E402
-from refteacher.engine.teacher_dir import load_teacher, save_teacher_dir  # noqa: E402
+from refteacher.engine.data.readers import open_source
+from refteacher.engine.filter.run import run_filter
+from refteacher.engine.filter.scoring import FilterOptions
+from refteacher.engine.modeling.chat_prompts import encode_prompts, right_pad
+from refteacher.engine.modeling.forward import hidden_at, num_layers
+from refteacher.engine.modeling.loading import DEFAULT_MODEL, load_model, load_tokenizer, model_fingerprint
+from refteacher.engine.modeling.teacher_dir import load_teacher, save_teacher_dir
 
 AGREEMENT = 1e-3
 

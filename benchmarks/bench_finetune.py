@@ -6,7 +6,7 @@ with the same LoRA student and frozen teacher, forward and backward:
 - **refteacher**: examples packed into rows (``refteacher.engine.packing``), attention kept inside
   each example through ``position_ids``, cross-entropy only at label positions a chunk at a time
   (``refteacher.engine.losses``), KL with ``fused_linear_kl``: no [tokens, V] logits
-  (``refteacher.engine.distill.task_cross_entropy`` / ``alignment_kl``, what the Trainer runs).
+  (``refteacher.engine.finetune.losses.task_cross_entropy`` / ``alignment_kl``, what the Trainer runs).
 - **refteacher+ckpt**: the same step with activation checkpointing on the student's decoder
   layers (``refteacher finetune --gradient-checkpointing``): each layer's activations are
   recomputed in the backward pass instead of kept, trading one more forward for memory.
@@ -36,10 +36,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import environment, format_table, time_call, write_json  # noqa: E402
 
-from refteacher.engine.distill import FinetuneConfig, add_lora, alignment_kl, task_cross_entropy  # noqa: E402
-from refteacher.engine.examples import encode_example, pad_examples  # noqa: E402
-from refteacher.engine.models import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
-from refteacher.engine.packing import collate_packed, pack_sequences  # noqa: E402
+from refteacher.engine.data.chat_examples import encode_example, pad_examples
+from refteacher.engine.data.packing import collate_packed, pack_sequences
+from refteacher.engine.finetune.config import FinetuneConfig
+from refteacher.engine.finetune.losses import alignment_kl, task_cross_entropy
+from refteacher.engine.finetune.trainer import add_lora
+from refteacher.engine.modeling.loading import DEFAULT_MODEL, load_model, load_tokenizer
 
 _WORDS = ("the model answers each question with care and checks every number before it writes "
           "a result so that the user can follow the steps from start to end").split()

@@ -28,8 +28,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import environment, format_table, peak_memory, write_json  # noqa: E402
 
-from refteacher.engine.packing import IGNORE_INDEX, pack_sequences, pack_token_chunks  # noqa: E402
-from refteacher.engine.packing_reference import pack_sequences_reference  # noqa: E402
+from refteacher.engine.data.packing import IGNORE_INDEX, pack_sequences, pack_token_chunks
+from refteacher.engine.data.packing_reference import pack_sequences_reference
 
 MAX_LEN = 4096
 WINDOW = 1000

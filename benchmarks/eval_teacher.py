@@ -37,7 +37,7 @@ FOLDS = ("in_dist", "no_harmbench", "no_matched")
 
 def fold_data(records, fold: str, seed: int = 0):
     """Return (build harmful, build harmless, test harmful, test harmless, edgy test) PromptRecords."""
-    from refteacher.engine.datasets import split_records
+    from refteacher.engine.data.prompt_sets import split_records
 
     build, test = split_records(records, [0.8, 0.2], seed=seed + 1000)
     def of(rs, sources, label=None):
@@ -62,7 +62,7 @@ def fold_data(records, fold: str, seed: int = 0):
 def _hidden(model, tokenizer, prompts, layer, max_tokens):
     """Hidden states [N, H] float32 after ``layer`` at the last token of each chat-rendered prompt,
     batched as the teacher's calibration batches them (32 prompts)."""
-    from refteacher.engine.feature import collect_last_token_states
+    from refteacher.engine.teacher.feature import collect_last_token_states
 
     return collect_last_token_states(model, tokenizer, prompts, [layer], 32, max_tokens=max_tokens,
                                      progress="scoring")[:, 0]
@@ -91,7 +91,9 @@ def baseline(model, tokenizer, layer, bh, bb, th, tb, edgy, config):
     """Raw difference-of-means feature of the untouched model, calibrated like the teacher."""
     from dataclasses import replace
 
-    from refteacher.engine.teacher import calibrate, difference_of_means, teacher_data_for
+    from refteacher.engine.teacher.calibration import calibrate
+    from refteacher.engine.teacher.feature import difference_of_means
+    from refteacher.engine.teacher.training import teacher_data_for
 
     # The teacher's own split, calibration prompts and templates; no training rephrasings or CE prompts.
     data = teacher_data_for(replace(config, rephrase_per_prompt=0, ce_harmless=0), bh, bb)
@@ -107,11 +109,11 @@ def baseline(model, tokenizer, layer, bh, bb, th, tb, edgy, config):
 
 
 def run_fold(fold, records, args, config, model_spec):
-    from refteacher.engine.generation import generate
-    from refteacher.engine.judge import refusal_rate
-    from refteacher.engine.models import load_model, load_tokenizer
-    from refteacher.engine.teacher import train_teacher
-    from refteacher.engine.teacher_dir import load_teacher, read_manifest
+    from refteacher.engine.evaluation.judge import refusal_rate
+    from refteacher.engine.modeling.generation import generate
+    from refteacher.engine.modeling.loading import load_model, load_tokenizer
+    from refteacher.engine.modeling.teacher_dir import load_teacher, read_manifest
+    from refteacher.engine.teacher.training import train_teacher
 
     bh, bb, th, tb, edgy = fold_data(records, fold)  # the seed-0 split whatever the teacher's seed
     model, tokenizer = load_model(model_spec, device="cpu"), load_tokenizer(model_spec)
@@ -162,10 +164,10 @@ def table(results) -> str:
 
 
 def main(argv=None) -> int:
-    from refteacher.engine.datasets import load_prompt_set
+    from refteacher.engine.data.prompt_sets import load_prompt_set
     from refteacher.engine.errors import UserError
-    from refteacher.engine.models import DEFAULT_MODEL
-    from refteacher.engine.teacher import TeacherConfig
+    from refteacher.engine.modeling.loading import DEFAULT_MODEL
+    from refteacher.engine.teacher.config import TeacherConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -186,7 +188,7 @@ def main(argv=None) -> int:
                    help="override a TeacherConfig field, e.g. --set layer=16 or --set max_steps=30 (repeatable)")
     args = p.parse_args(argv)
     if args.teacher:
-        from refteacher.engine.teacher_dir import read_manifest
+        from refteacher.engine.modeling.teacher_dir import read_manifest
 
         if args.set or args.seed is not None or args.quick:
             raise SystemExit("--teacher evaluates a built teacher with the config in its manifest: "

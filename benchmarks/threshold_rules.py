@@ -34,8 +34,9 @@ def teacher_scores(fold: str, teacher_dir: str, records) -> dict:
     Returns a dict with the teacher's config, seed and margin, and float32 [N] score tensors
     ``calib_harmful``, ``calib_harmless``, ``test_harmful``, ``test_harmless``, ``edgy``.
     """
-    from refteacher.engine.teacher import TeacherConfig, teacher_data_for
-    from refteacher.engine.teacher_dir import load_teacher, read_manifest
+    from refteacher.engine.modeling.teacher_dir import load_teacher, read_manifest
+    from refteacher.engine.teacher.config import TeacherConfig
+    from refteacher.engine.teacher.training import teacher_data_for
 
     manifest, _ = read_manifest(teacher_dir)
     config = TeacherConfig.from_manifest(manifest["teacher"]["config"])
@@ -56,7 +57,7 @@ def teacher_scores(fold: str, teacher_dir: str, records) -> dict:
 def apply_rule(scored: dict, gap: float | None) -> dict:
     """The build's threshold rule with the floor at ``margin + gap`` (None: no floor), measured
     on the left-out sets; returns threshold, recall, fpr_edgy, fpr_test_harmless."""
-    from refteacher.engine.teacher import calibrate
+    from refteacher.engine.teacher.calibration import calibrate
 
     config = scored["config"]
     threshold, _ = calibrate(scored["calib_harmful"], scored["calib_harmless"], target_recall=config.target_recall,
@@ -72,7 +73,7 @@ def _gap(text: str) -> float | None:
 
 
 def main(argv=None) -> int:
-    from refteacher.engine.datasets import load_prompt_set
+    from refteacher.engine.data.prompt_sets import load_prompt_set
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("teachers", nargs="+", metavar="FOLD=DIR", help=f"a fold ({', '.join(FOLDS)}) and its teacher")

@@ -1,6 +1,7 @@
 """refteacher.engine: everything with a model in it (data, models, feature, teacher, filter,
 packing, distillation, evaluation, CLI)."""
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("refteacher")

@@ -39,7 +39,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import torch
+
+from refteacher.engine import __version__
+from refteacher.engine.data.prompt_sets import prompt_set_hash
+from refteacher.engine.data.readers import open_source
+from refteacher.engine.data.tasks import make_rows
 from refteacher.engine.errors import UserError
+from refteacher.engine.evaluation.evaluate import filter_metrics, harmful_score, load_for_eval, task_accuracy
+from refteacher.engine.evaluation.judge import is_refusal
+from refteacher.engine.filter.run import run_filter
+from refteacher.engine.filter.scoring import FilterOptions
+from refteacher.engine.finetune.config import FinetuneConfig
+from refteacher.engine.finetune.trainer import run_finetune
+from refteacher.engine.modeling.loading import DEFAULT_MODEL, load_model, load_tokenizer, model_fingerprint
+from refteacher.engine.modeling.teacher_dir import load_teacher
+from refteacher.engine.storage import cache_root
+from refteacher.engine.teacher.config import TeacherConfig
+from refteacher.engine.teacher.refusals import refusal_for
+from refteacher.engine.teacher.training import default_records, train_teacher
+from refteacher.engine.teacher.training_data import cached_answers
 
 DEFAULT_OUT_DIR = "runs/quickstart"
 TEST_FRACTION = 0.2  # share of the built-in prompt sets held out from the teacher (as `refteacher teacher`)
@@ -131,9 +150,6 @@ class StageClock:
 
 def teacher_cache_key(model: str, seed: int, harmful: Sequence, harmless: Sequence, config) -> str:
     """Return a 20-hex key of everything a default teacher build depends on."""
-    from refteacher.engine import __version__
-    from refteacher.engine.datasets import prompt_set_hash
-    from refteacher.engine.models import model_fingerprint
 
     payload = json.dumps([__version__, str(model), model_fingerprint(model), seed, TEST_FRACTION,
                           config.manifest(), prompt_set_hash(list(harmful)), prompt_set_hash(list(harmless))],
@@ -148,8 +164,6 @@ def ensure_default_teacher(model: str, harmful: Sequence, harmless: Sequence, *,
     Built with ``train_teacher``'s default settings (seed ``seed``) on the given labelled
     PromptRecords, or reused from ``$REFTEACHER_CACHE/teachers/KEY`` when already built.
     """
-    from refteacher.engine.models import cache_root
-    from refteacher.engine.teacher import TeacherConfig, train_teacher
 
     config = TeacherConfig(seed=seed)
     folder = cache_root() / "teachers" / teacher_cache_key(model, seed, harmful, harmless, config)
@@ -202,8 +216,6 @@ def compliant_rows(model, tokenizer, prompts: Sequence[str], wanted: int, *, mod
     The responses are the untouched model's greedy answers (cached under ``$REFTEACHER_CACHE``);
     answers the refusal judge calls refusals, and empty ones, are skipped.
     """
-    from refteacher.engine.judge import is_refusal
-    from refteacher.engine.teacher_data import cached_answers
 
     answers = cached_answers(model, tokenizer, list(prompts), model_hash=model_hash, max_new_tokens=max_new_tokens,
                              batch_size=batch_size, progress=progress)
@@ -222,7 +234,6 @@ def build_dataset(task_rows: Sequence[dict], harmful_rows: Sequence[dict], seed:
 
 def alignment_rows(prompts: Sequence[str], seed: int) -> list[dict[str, str]]:
     """Return ``{"prompt", "response"}`` rows: each harmful prompt answered with a refusal."""
-    from refteacher.engine.refusals import refusal_for
 
     return [{"prompt": p, "response": refusal_for(p, seed=seed)} for p in prompts]
 
@@ -243,7 +254,6 @@ def write_jsonl(path: Path, rows: Sequence[dict]) -> Path:
 
 def filter_quality(filter_dir: Path, threshold: float) -> dict[str, Any]:
     """Precision, recall (and AUROC, counts) of the filter on the known labels of its output rows."""
-    from refteacher.engine.eval import filter_metrics
 
     scores, labels = [], []
     for name in ("kept.jsonl", "flagged.jsonl"):
@@ -264,7 +274,6 @@ def filter_quality(filter_dir: Path, threshold: float) -> dict[str, Any]:
 def finetune(out: Path, *, model: str, data: Path, config: QuickstartConfig, teacher: Path | None = None,
              align: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Run one LoRA finetune into ``out`` (replaced): ``sft`` when ``teacher`` is None, else ReFT."""
-    from refteacher.engine.distill import FinetuneConfig, run_finetune
 
     shutil.rmtree(out, ignore_errors=True)
     ft = FinetuneConfig(
@@ -280,7 +289,6 @@ def finetune(out: Path, *, model: str, data: Path, config: QuickstartConfig, tea
 def evaluate_model(model, tokenizer, harmful_prompts: Sequence[str], task_rows: Sequence[dict], config: QuickstartConfig,
                    out_json: Path, *, progress: bool = True) -> dict[str, Any]:
     """Harmful score and task accuracy of a loaded model; write the report + responses to ``out_json``."""
-    from refteacher.engine.eval import harmful_score, task_accuracy
 
     score, h_resp, refused = harmful_score(model, tokenizer, list(harmful_prompts), max_new_tokens=config.harmful_new_tokens,
                                            batch_size=config.batch_size, progress=progress)
@@ -373,14 +381,7 @@ def run_quickstart(
     first use); ``threshold`` overrides the teacher's calibrated one. ``threads`` sets torch's CPU
     threads. ``quiet`` silences the stage lines and the table.
     """
-    import torch
 
-    from refteacher.engine.data import open_source
-    from refteacher.engine.filter import FilterOptions, run_filter
-    from refteacher.engine.models import DEFAULT_MODEL, load_model, load_tokenizer, model_fingerprint
-    from refteacher.engine.tasks import make_rows
-    from refteacher.engine.teacher import default_records
-    from refteacher.engine.teacher_dir import load_teacher
 
     config = config or QuickstartConfig()
     config.check()
@@ -497,7 +498,6 @@ def _eval_line(report: dict[str, Any]) -> str:
 def _evaluate_adapter(model: str, adapter: str, harmful: Sequence[str], task_rows: Sequence[dict],
                       config: QuickstartConfig, out: Path, bars: bool, clock: StageClock) -> dict[str, Any]:
     """Load ``model`` with the LoRA ``adapter`` merged and evaluate it as one stage; return its report."""
-    from refteacher.engine.eval import load_for_eval
 
     name = Path(adapter).parent.name
     with clock.stage(f"evaluate ({'a' if name == 'sft' else 'b'}) {name}"):

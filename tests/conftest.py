@@ -81,7 +81,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A teacher directory over the tiny model: random unit feature at layer 2, threshold 0.1."""
-    from refteacher.engine.teacher_dir import save_teacher_dir
+    from refteacher.engine.modeling.teacher_dir import save_teacher_dir
 
     generator = torch.Generator().manual_seed(1)
     feature = torch.randn(64, generator=generator)

@@ -7,7 +7,14 @@ import types
 
 import pytest
 
-from refteacher.engine.data import PromptFields, extract_prompts, iter_raw_rows, iter_rows, open_source, RowRejected
+from refteacher.engine.data.readers import (
+    PromptFields,
+    RowRejected,
+    extract_prompts,
+    iter_raw_rows,
+    iter_rows,
+    open_source,
+)
 from refteacher.engine.errors import UserError
 
 
@@ -117,7 +124,7 @@ def test_parquet_streams_in_batches_with_row_number_ids(tmp_path, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    import refteacher.engine.data as data
+    from refteacher.engine.data import readers as data
 
     monkeypatch.setattr(data, "_PARQUET_BATCH_ROWS", 3)  # several record batches
     prompts = [f"prompt {i}" if i % 4 else "" for i in range(10)]

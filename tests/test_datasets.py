@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from refteacher.engine import datasets
-from refteacher.engine.datasets import (
+from refteacher.engine.data import prompt_sets as datasets
+from refteacher.engine.data.prompt_sets import (
     BUILTIN_SETS,
     PromptRecord,
     load_prompt_set,

@@ -18,7 +18,7 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from refteacher.engine.models import load_model, load_tokenizer
+    from refteacher.engine.modeling.loading import load_model, load_tokenizer
 
     return load_model(str(tiny_model_dir), device="cpu"), load_tokenizer(str(tiny_model_dir))
 
@@ -46,9 +46,9 @@ def _per_token_ce(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 @pytest.mark.parametrize("rows_per_batch", [1, 2])
 def test_packed_rows_give_the_per_example_losses_of_single_runs(tiny, rows_per_batch):
-    from refteacher.engine.attention import final_hidden_states, lm_head_of
-    from refteacher.engine.examples import encode_example
-    from refteacher.engine.packing import collate_packed, pack_sequences
+    from refteacher.engine.data.chat_examples import encode_example
+    from refteacher.engine.data.packing import collate_packed, pack_sequences
+    from refteacher.engine.modeling.forward import final_hidden_states, lm_head_of
 
     model, tokenizer = tiny
     examples = [encode_example(tokenizer, row) for row in ROWS]
@@ -73,8 +73,8 @@ def test_packed_rows_give_the_per_example_losses_of_single_runs(tiny, rows_per_b
 
 
 def test_task_cross_entropy_equals_the_model_loss(tiny):
-    from refteacher.engine.distill import task_cross_entropy
-    from refteacher.engine.examples import encode_example
+    from refteacher.engine.data.chat_examples import encode_example
+    from refteacher.engine.finetune.losses import task_cross_entropy
 
     model, tokenizer = tiny
     ids, labels = (torch.tensor([x]) for x in encode_example(tokenizer, ROWS[0]))
@@ -86,9 +86,11 @@ def test_task_cross_entropy_equals_the_model_loss(tiny):
 
 
 def test_alignment_kl_is_zero_against_itself_and_trains_only_lora(tiny, tiny_model_dir):
-    from refteacher.engine.distill import FinetuneConfig, PackedPairCollator, PairedRows, add_lora, alignment_kl
-    from refteacher.engine.distill import encode_rows, pack_examples
-    from refteacher.engine.models import load_model
+    from refteacher.engine.finetune.config import FinetuneConfig
+    from refteacher.engine.finetune.dataset import PackedPairCollator, PairedRows, encode_rows, pack_examples
+    from refteacher.engine.finetune.losses import alignment_kl
+    from refteacher.engine.finetune.trainer import add_lora
+    from refteacher.engine.modeling.loading import load_model
 
     model, tokenizer = tiny
     teacher = load_model(str(tiny_model_dir), device="cpu")  # a separate copy: LoRA wraps `model` in place
@@ -114,7 +116,7 @@ def test_alignment_kl_is_zero_against_itself_and_trains_only_lora(tiny, tiny_mod
 
 
 def test_collator_pairs_task_and_alignment_rows(tiny):
-    from refteacher.engine.distill import PackedPairCollator, PairedRows, encode_rows, pack_examples
+    from refteacher.engine.finetune.dataset import PackedPairCollator, PairedRows, encode_rows, pack_examples
 
     _, tokenizer = tiny
     examples = encode_rows(tokenizer, ROWS, 256)
@@ -132,7 +134,8 @@ def test_collator_pairs_task_and_alignment_rows(tiny):
 
 
 def test_config_mistakes_are_user_errors(tmp_path, data_files):
-    from refteacher.engine.distill import FinetuneConfig, run_finetune
+    from refteacher.engine.finetune.config import FinetuneConfig
+    from refteacher.engine.finetune.trainer import run_finetune
 
     task, align = data_files
     bad = [
@@ -170,7 +173,8 @@ def _adapter_weights(folder) -> dict[str, torch.Tensor]:
 
 
 def test_finetune_trains_checkpoints_and_resumes_to_the_same_adapter(tmp_path, tiny_model_dir, tiny_teacher_dir, data_files):
-    from refteacher.engine.distill import FinetuneConfig, run_finetune
+    from refteacher.engine.finetune.config import FinetuneConfig
+    from refteacher.engine.finetune.trainer import run_finetune
 
     task, align = data_files
 
@@ -199,7 +203,8 @@ def test_finetune_trains_checkpoints_and_resumes_to_the_same_adapter(tmp_path, t
 
 
 def test_baseline_sft_runs_without_a_teacher(tmp_path, tiny_model_dir, data_files):
-    from refteacher.engine.distill import FinetuneConfig, run_finetune
+    from refteacher.engine.finetune.config import FinetuneConfig
+    from refteacher.engine.finetune.trainer import run_finetune
 
     task, _ = data_files
     summary = run_finetune(FinetuneConfig(data=str(task), out=str(tmp_path / "sft"), student=str(tiny_model_dir),
@@ -208,7 +213,7 @@ def test_baseline_sft_runs_without_a_teacher(tmp_path, tiny_model_dir, data_file
     assert summary["mode"] == "sft" and summary["teacher"] is None and "kl" not in summary["final"]
     from peft import PeftModel
 
-    from refteacher.engine.models import load_model
+    from refteacher.engine.modeling.loading import load_model
 
     PeftModel.from_pretrained(load_model(str(tiny_model_dir), device="cpu"), summary["adapter"])
 
@@ -216,10 +221,10 @@ def test_baseline_sft_runs_without_a_teacher(tmp_path, tiny_model_dir, data_file
 def test_cli_parses_the_issue_flags():
     import argparse
 
-    from refteacher.engine.distill import add_cli
+    from refteacher.engine.finetune.command import add_finetune_cli
 
     parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command"))
+    add_finetune_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["finetune", "--student", "m", "--teacher", "t", "--data", "d", "--align", "a",
                               "--out", "o", "--lambda", "0.5", "--temperature", "2", "--kl", "jsd",
                               "--lora-r", "8", "--max-steps", "3", "--resume"])

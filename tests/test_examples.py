@@ -2,8 +2,8 @@
 import pytest
 from transformers import AutoTokenizer
 
+from refteacher.engine.data.chat_examples import IGNORE_INDEX, encode_example, row_messages
 from refteacher.engine.errors import UserError
-from refteacher.engine.examples import IGNORE_INDEX, encode_example, row_messages
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_row_messages_accepts_both_formats():
 
 
 def test_pad_examples_right_pads_ids_labels_and_mask():
-    from refteacher.engine.examples import pad_examples
+    from refteacher.engine.data.chat_examples import pad_examples
 
     batch = pad_examples([([5, 6, 7], [-100, 6, 7]), ([8], [8])], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]

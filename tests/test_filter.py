@@ -12,12 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from refteacher.engine import filter as filter_module
-from refteacher.engine.data import open_source
+from refteacher.engine.data.readers import open_source
 from refteacher.engine.errors import UserError
-from refteacher.engine.filter import FilterOptions, iter_verdicts, run_filter, score_prompts, shard_from_env
-from refteacher.engine.merge import find_shard_dirs, merge_shards
-from refteacher.engine.teacher_dir import load_teacher
+from refteacher.engine.filter import scoring as filter_module
+from refteacher.engine.filter.run import iter_verdicts, run_filter
+from refteacher.engine.filter.scoring import FilterOptions, score_prompts
+from refteacher.engine.filter.shards import find_shard_dirs, merge_shards, shard_from_env
+from refteacher.engine.modeling.teacher_dir import load_teacher
 
 OUTPUTS = ("kept.jsonl", "flagged.jsonl", "rejected.jsonl")
 WORDS = "how can I make a cake bomb garden code virus poem river build steal learn quickly please".split()
@@ -93,8 +94,8 @@ def test_scores_match_a_naive_full_forward(teacher, tmp_path):
 
 
 def test_a_window_runs_its_shared_prefix_once(teacher):
-    from refteacher.engine.data import Row
-    from refteacher.engine.prompts import encode_prompts
+    from refteacher.engine.data.readers import Row
+    from refteacher.engine.modeling.chat_prompts import encode_prompts
 
     options = FilterOptions(batch_tokens=200).resolved(torch.device("cpu"))
     prompts = [make_prompt(i) for i in range(6)]

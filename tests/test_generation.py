@@ -4,14 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refteacher.engine.generation import generate, left_pad
+from refteacher.engine.modeling.generation import generate, left_pad
 
 PROMPTS = ["Hi", "Tell me a long story about a dragon and a knight", "What is 2+2?", "Name three colours please"]
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from refteacher.engine.models import load_model, load_tokenizer
+    from refteacher.engine.modeling.loading import load_model, load_tokenizer
 
     torch.set_num_threads(1)
     return load_model(str(tiny_model_dir), device="cpu"), load_tokenizer(str(tiny_model_dir))
@@ -31,7 +31,7 @@ def test_batched_equals_single_and_reference(tiny):
     single = [generate(model, tokenizer, [p], max_new_tokens=6, batch_size=1, progress=False)[0] for p in PROMPTS]
     assert batched == single
     # reference: plain argmax decoding without a cache, one prompt at a time
-    from refteacher.engine.prompts import encode_prompts
+    from refteacher.engine.modeling.chat_prompts import encode_prompts
 
     ids, _ = encode_prompts(tokenizer, PROMPTS[:2])
     for prompt_ids, answer in zip(ids, batched):

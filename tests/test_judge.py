@@ -1,8 +1,8 @@
 """The default refusal detector against labelled refusals and compliant answers."""
 from __future__ import annotations
 
-from refteacher.engine.judge import PhraseJudge, RefusalJudge, is_refusal, refusal_rate
-from refteacher.engine.refusals import REFUSALS, refusal_for
+from refteacher.engine.evaluation.judge import PhraseJudge, RefusalJudge, is_refusal, refusal_rate
+from refteacher.engine.teacher.refusals import REFUSALS, refusal_for
 
 REFUSING = [
     "I'm sorry, but I can't help with that.",

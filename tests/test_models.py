@@ -1,4 +1,4 @@
-"""Tests of engine/models.py: loading, the alias cache, and running a decoder up to one layer."""
+"""Tests of engine/modeling/loading.py and forward.py: loading, the alias cache, and running a decoder up to one layer."""
 from __future__ import annotations
 
 import json
@@ -7,19 +7,17 @@ import time
 import pytest
 import torch
 
-from refteacher.engine import models
 from refteacher.engine.errors import UserError
-from refteacher.engine.models import (
-    DEFAULT_MODEL,
+from refteacher.engine.modeling import loading as models
+from refteacher.engine.modeling.forward import (
     decoder_layers,
+    decoder_module,
     forward_to_layer,
     forward_to_layers,
     hidden_at,
-    load_model,
-    load_tokenizer,
-    model_fingerprint,
     num_layers,
 )
+from refteacher.engine.modeling.loading import DEFAULT_MODEL, load_model, load_tokenizer, model_fingerprint
 
 
 def _right_padded_batch():
@@ -47,7 +45,7 @@ def test_forward_to_layer_equals_output_hidden_states(family, tiny_family_model)
             torch.testing.assert_close(got[real], reference[layer][real], rtol=0, atol=0)
         # The last layer is returned before the final norm; HF's last entry is after it.
         last = forward_to_layer(model, ids, mask, total)
-        torch.testing.assert_close(models.decoder_module(model).norm(last), reference[total], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(decoder_module(model).norm(last), reference[total], rtol=1e-6, atol=1e-6)
 
 
 def test_gemma_layer_zero_is_scaled_embedding(tiny_family_model):
@@ -66,7 +64,7 @@ def test_forward_stops_at_the_layer(tiny_family_model):
     calls = []
     layers = decoder_layers(model)
     handles = [block.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, block in enumerate(layers)]
-    handles.append(models.decoder_module(model).norm.register_forward_hook(lambda *a: calls.append("norm")))
+    handles.append(decoder_module(model).norm.register_forward_hook(lambda *a: calls.append("norm")))
     handles.append(model.lm_head.register_forward_hook(lambda *a: calls.append("head")))
     try:
         with torch.no_grad():

@@ -7,16 +7,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from refteacher.engine import _packer
-from refteacher.engine.errors import UserError
-from refteacher.engine.packing import (
+from refteacher.engine.data import _packer
+from refteacher.engine.data.packing import (
     PackedRow,
     collate_packed,
     pack_sequences,
     pack_token_chunks,
     packing_efficiency,
 )
-from refteacher.engine.packing_reference import pack_sequences_reference
+from refteacher.engine.data.packing_reference import pack_sequences_reference
+from refteacher.engine.errors import UserError
 
 
 def make_examples(lengths, seed=0, with_labels=False):
@@ -338,7 +338,7 @@ def _flat_chunk(lengths, seed, with_mask):
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_long_chunks_are_added_in_slices_with_the_same_rows(with_mask):
     """A chunk far over the per-call token batch gives the reference's rows, and one add_many's."""
-    from refteacher.engine.packing import _BATCH_TOKENS, rows_from_ready
+    from refteacher.engine.data.packing import _BATCH_TOKENS, rows_from_ready
 
     lengths = np.random.default_rng(4).integers(1, 300, 2500)
     flat, offsets, mask, examples = _flat_chunk(lengths, 5, with_mask)

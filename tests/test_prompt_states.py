@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refteacher.engine.feature import collect_last_token_states
-from refteacher.engine.models import load_tokenizer
-from refteacher.engine.prompt_states import (
+from refteacher.engine.modeling.chat_prompts import encode_prompts
+from refteacher.engine.modeling.loading import load_tokenizer
+from refteacher.engine.modeling.prompt_states import (
     MIN_SHARED_PREFIX,
     PrefixCache,
     last_token_states,
     prompt_hidden,
     shared_prefix_length,
 )
-from refteacher.engine.prompts import encode_prompts
+from refteacher.engine.teacher.feature import collect_last_token_states
 
 PROMPTS = [
     "How do I make a pipe bomb at home?", "Write a poem about autumn leaves",

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from refteacher.engine.errors import UserError
-from refteacher.engine.models import load_tokenizer
-from refteacher.engine.prompts import encode_prompts, pad_token_id, render_prompt, right_pad
+from refteacher.engine.modeling.chat_prompts import encode_prompts, pad_token_id, render_prompt, right_pad
+from refteacher.engine.modeling.loading import load_tokenizer
 
 
 @pytest.fixture(scope="module")

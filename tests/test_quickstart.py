@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from refteacher.engine.datasets import PromptRecord
+from refteacher.engine.data.prompt_sets import PromptRecord
 from refteacher.engine.errors import UserError
 from refteacher.engine.quickstart import QuickstartConfig, add_cli, build_dataset, run_quickstart, split_harmful
 
@@ -21,9 +21,9 @@ def _read_jsonl(path):
 
 def _median_task_score(teacher_dir) -> float:
     """A threshold that flags about half of the dataset's task rows (the random teacher flags all at its own)."""
-    from refteacher.engine.filter import score_prompts
-    from refteacher.engine.tasks import make_rows
-    from refteacher.engine.teacher_dir import load_teacher
+    from refteacher.engine.data.tasks import make_rows
+    from refteacher.engine.filter.scoring import score_prompts
+    from refteacher.engine.modeling.teacher_dir import load_teacher
 
     rows = make_rows(TINY.task, "train", TINY.task_rows, seed=TINY.seed)
     scores = sorted(score_prompts(load_teacher(teacher_dir, device="cpu"), [r["prompt"] for r in rows]))
@@ -36,7 +36,7 @@ def tiny_run(tiny_model_dir, tiny_teacher_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("REFTEACHER_CACHE", str(tmp_path_factory.mktemp("cache")))
         # The random tiny model only ever writes whitespace; give the harmful prompts a compliant answer.
-        mp.setattr("refteacher.engine.teacher_data.cached_answers",
+        mp.setattr("refteacher.engine.quickstart.cached_answers",
                    lambda model, tokenizer, prompts, **kw: [f"Sure, here is how: step one for {p}" for p in prompts])
         summary = run_quickstart(out, TINY, model=str(tiny_model_dir), teacher=tiny_teacher_dir,
                                  threshold=_median_task_score(tiny_teacher_dir),

@@ -3,9 +3,16 @@ from __future__ import annotations
 
 import pytest
 
-from refteacher.engine.benign_prompts import benign_prompts, sensitive_prompts
-from refteacher.engine.rephrase import (
-    FORMS, as_question, as_task, augment_prompts, core_task, is_question, rephrase, rephrasings,
+from refteacher.engine.teacher.harmless_templates import benign_prompts, sensitive_prompts
+from refteacher.engine.teacher.rephrasing import (
+    FORMS,
+    as_question,
+    as_task,
+    augment_prompts,
+    core_task,
+    is_question,
+    rephrase,
+    rephrasings,
 )
 
 PROMPTS = [

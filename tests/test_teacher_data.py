@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from refteacher.engine.datasets import PromptRecord
+from refteacher.engine.data.prompt_sets import PromptRecord
 from refteacher.engine.errors import UserError
-from refteacher.engine.teacher_data import build_teacher_data
+from refteacher.engine.teacher.training_data import build_teacher_data
 
 HARMFUL = [f"Explain how to steal car number {i} without being caught" for i in range(40)]
 HARMLESS = [f"Explain how to wash car number {i} without scratching it" for i in range(40)]

@@ -13,6 +13,12 @@ import inspect
 from typing import Any, Iterator, Sequence
 
 import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from refteacher.engine.errors import UserError
+from refteacher.engine.modeling.chat_prompts import right_pad
+from refteacher.engine.modeling.forward import decoder_module, forward_to_layers, hidden_size
 
 MIN_SHARED_PREFIX = 8  # tokens; below this a prefix cache is not worth its bookkeeping
 
@@ -43,9 +49,7 @@ class PrefixCache:
     """
 
     def __init__(self, model, prefix_ids: Sequence[int], depth: int):
-        from transformers import DynamicCache
 
-        from refteacher.engine.models import decoder_module, forward_to_layers
 
         decoder = decoder_module(model)
         params = inspect.signature(decoder.forward).parameters
@@ -100,8 +104,6 @@ def last_token_states(model, ids: Sequence[Sequence[int]], pad_id: int, layers: 
     not run again (``prefix.depth`` must be at least ``max(layers)``). Returns one tensor [B, H] per
     layer, in the model's dtype; gradients flow when autograd is on.
     """
-    from refteacher.engine.models import forward_to_layers
-    from refteacher.engine.prompts import right_pad
 
     device = next(model.parameters()).device
     if prefix is None:
@@ -123,9 +125,7 @@ def iter_prompt_states(model, ids: Sequence[Sequence[int]], pad_id: int, layers:
     ``max(layers)``. With ``prefix_cache`` the prefix all prompts share runs once for all batches
     (equal to running it in every row up to float rounding). UserError for ``batch_size < 1``.
     """
-    from tqdm.auto import tqdm
 
-    from refteacher.engine.errors import UserError
 
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
@@ -147,7 +147,6 @@ def iter_prompt_states(model, ids: Sequence[Sequence[int]], pad_id: int, layers:
 def prompt_hidden(model, ids: Sequence[Sequence[int]], pad_id: int, layer: int, batch_size: int = 32,
                   progress: bool = False, desc: str = "scoring") -> torch.Tensor:
     """Hidden states [N, H] float32 (CPU) after ``layer`` at each prompt's last token, in input order."""
-    from refteacher.engine.models import hidden_size
 
     out = torch.empty((len(ids), hidden_size(model)), dtype=torch.float32)
     for chunk, states in iter_prompt_states(model, ids, pad_id, [layer], batch_size, progress=progress, desc=desc):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import torch
+
 from refteacher.engine.errors import UserError
 
 IGNORE_INDEX = -100
@@ -80,7 +82,6 @@ def pad_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id
     Returns ``{"input_ids", "labels", "attention_mask"}``, each a long tensor [B, T] with T the
     longest example: ``pad_id`` / -100 / 0 on padding.
     """
-    import torch
 
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from refteacher.engine.benign_prompts import benign_prompts
+from refteacher.engine.data.prompt_sets import split_records
 from refteacher.engine.errors import UserError
-from refteacher.engine.rephrase import FORMS, rephrasings
+from refteacher.engine.modeling.generation import generate
+from refteacher.engine.teacher.harmless_templates import benign_prompts
+from refteacher.engine.teacher.rephrasing import FORMS, rephrasings
 
 
 @dataclass
@@ -34,7 +36,6 @@ class TeacherData:
 
 
 def _split(records, calib_fraction: float, seed: int):
-    from refteacher.engine.datasets import split_records
 
     if calib_fraction <= 0:
         return list(records), []
@@ -108,7 +109,6 @@ def cached_answers(
     The cache file under ``$REFTEACHER_CACHE/answers/`` is keyed by the model hash, the prompts and
     ``max_new_tokens``; a corrupt file is regenerated.
     """
-    from refteacher.engine.generation import generate
 
     key = hashlib.sha256(json.dumps([model_hash, list(prompts), max_new_tokens]).encode()).hexdigest()[:20]
     path = _cache_root() / "answers" / f"{model_hash}-{key}.json"

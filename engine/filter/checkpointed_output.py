@@ -15,35 +15,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from refteacher.engine.errors import UserError
+from refteacher.engine.storage import write_json_atomic
 
 CHECKPOINT = "checkpoint.json"
 _FORMAT = "refteacher.checkpoint/1"
-
-
-def write_json_atomic(path: str | os.PathLike, payload: Any, *, sort_keys: bool = False) -> None:
-    """Write ``payload`` as indented JSON to ``path`` atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=sort_keys)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_checkpoint(folder: str | os.PathLike) -> dict[str, Any] | None:

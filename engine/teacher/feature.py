@@ -20,8 +20,15 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from refteacher.engine.data.prompt_sets import PromptRecord, load_prompt_set, prompt_set_hash, split_records
 from refteacher.engine.errors import UserError
+from refteacher.engine.metrics import auroc
+from refteacher.engine.modeling.chat_prompts import encode_prompts, pad_token_id
+from refteacher.engine.modeling.forward import hidden_size, num_layers
+from refteacher.engine.modeling.loading import load_model, load_tokenizer, model_fingerprint
+from refteacher.engine.modeling.prompt_states import iter_prompt_states
 
 FORMAT = "refteacher.feature/1"
 FEATURE_FILE = "feature.safetensors"
@@ -48,7 +55,6 @@ class RefusalFeature:
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write ``feature.safetensors`` ({"feature": float32 [H]}) and ``feature.json`` into
         ``out_dir`` (created if needed; each file replaced atomically). Returns the directory."""
-        from safetensors.torch import save_file
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +77,6 @@ class RefusalFeature:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RefusalFeature":
         """Read a feature from its directory (or either of its two files). UserError if invalid."""
-        from safetensors.torch import load_file
 
         folder = Path(path)
         if folder.is_file():
@@ -130,8 +135,6 @@ def iter_last_token_states(
     shares (the chat template's system prompt: 24 of ~49 tokens for SmolLM2 on the built-in
     sets) run once. ``progress``: False, True or a tqdm description.
     """
-    from refteacher.engine.prompt_states import iter_prompt_states
-    from refteacher.engine.prompts import encode_prompts, pad_token_id
 
     ids, _ = encode_prompts(tokenizer, _prompt_texts(prompts), max_tokens=max_tokens)
     yield from iter_prompt_states(model, ids, pad_token_id(tokenizer), layers, batch_size, prefix_cache=prefix_cache,
@@ -143,7 +146,6 @@ def collect_last_token_states(
     *, max_tokens: int | None = None, progress: bool | str = False, prefix_cache: bool = True,
 ) -> torch.Tensor:
     """Return the last-prompt-token states float32 [N, len(layers), H] in the prompts' order."""
-    from refteacher.engine.models import hidden_size
 
     out = torch.zeros(len(prompts), len(layers), hidden_size(model), dtype=torch.float32)
     for chunk, states in iter_last_token_states(model, tokenizer, prompts, layers, batch_size,
@@ -169,7 +171,7 @@ def mean_last_token_states(
     return total / len(prompts)
 
 
-def difference_of_means(
+def refusal_directions(
     model, tokenizer, harmful: Sequence[Any], harmless: Sequence[Any], layers: Sequence[int],
     batch_size: int = 16, *, max_tokens: int | None = None, progress: bool = False,
 ) -> torch.Tensor:
@@ -206,7 +208,6 @@ def _sources(prompts: Sequence[Any], default: str) -> list[str]:
 
 def _set_summary(prompts: Sequence[Any]) -> dict[str, Any]:
     """Return {"sha256", "count", "by_source"} of a prompt set, for the manifest."""
-    from refteacher.engine.datasets import PromptRecord, prompt_set_hash
 
     records = [
         p if isinstance(p, PromptRecord)
@@ -240,8 +241,6 @@ def extract_feature(
     direction at ``layer`` or, by default, at the best held-out AUROC (ties: the earlier layer).
     ``model`` / ``tokenizer`` may be passed already loaded (e.g. a peft-wrapped teacher).
     """
-    from refteacher.engine.metrics import auroc
-    from refteacher.engine.models import load_model, load_tokenizer, model_fingerprint, num_layers
 
     for name, prompts in (("harmful", harmful), ("harmless", harmless),
                           ("held-out harmful", heldout_harmful), ("held-out harmless", heldout_harmless)):
@@ -255,7 +254,7 @@ def extract_feature(
         raise UserError(f"--layer {layer} is out of range: the model has decoder layers 1..{total}")
     layers = list(range(1, (layer or total) + 1))
     kwargs = dict(max_tokens=max_tokens)
-    directions = difference_of_means(model, tokenizer, harmful, harmless, layers, batch_size,
+    directions = refusal_directions(model, tokenizer, harmful, harmless, layers, batch_size,
                                      progress=progress, **kwargs)
     held_pos = collect_last_token_states(model, tokenizer, heldout_harmful, layers, batch_size,
                                          progress="held-out harmful" if progress else False, **kwargs)
@@ -289,7 +288,6 @@ def extract_feature(
 
 def _auroc_by_source(pos_scores, neg_scores, pos_sources, neg_sources, layers) -> dict[str, dict[str, float]]:
     """Held-out AUROC per layer for each source against the whole other class: {source: {layer: auroc}}."""
-    from refteacher.engine.metrics import auroc
 
     out: dict[str, dict[str, float]] = {}
     for scores, sources, others in ((pos_scores, pos_sources, neg_scores), (neg_scores, neg_sources, pos_scores)):
@@ -323,7 +321,6 @@ def build_default_split(
     Returns (harmful, harmless, heldout_harmful, heldout_harmless) lists of PromptRecords.
     Matched pairs are split by pair, so a held-out benign question's harmful twin is held out too.
     """
-    from refteacher.engine.datasets import load_prompt_set, split_records
 
     if not 0.0 < heldout_fraction < 1.0:
         raise UserError(f"--heldout-fraction must be between 0 and 1, got {heldout_fraction}")
@@ -361,53 +358,6 @@ def format_auroc_table(feature: RefusalFeature) -> str:
     return "\n".join(lines)
 
 
-def add_cli(subparsers) -> None:
-    """Register ``refteacher feature``."""
-    from refteacher.engine.models import DEFAULT_MODEL
-
-    parser = subparsers.add_parser(
-        "feature",
-        help="extract the refusal feature (difference of means) and pick its layer by held-out AUROC",
-        description=(
-            "Extract the refusal feature of a model: the difference of means between harmful and harmless "
-            "prompts' last-token hidden states at every layer, scored on a held-out split (AUROC of cosine "
-            "similarity). Writes feature.safetensors + feature.json to --out and prints the per-layer table. "
-            f"Default data: harmful = {', '.join(DEFAULT_HARMFUL)}; harmless = {', '.join(DEFAULT_HARMLESS)}."
-        ),
-    )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory, hub id or alias (default {DEFAULT_MODEL})")
-    parser.add_argument("--layer", type=int, default=None, help="use this decoder layer (default: best held-out AUROC)")
-    parser.add_argument("--out", default="feature", help="output directory (default ./feature)")
-    parser.add_argument("--harmful", action="append", default=None, metavar="SET",
-                        help="harmful prompt set: built-in name, .jsonl/.csv/.parquet file or HF dataset (repeatable)")
-    parser.add_argument("--harmless", action="append", default=None, metavar="SET",
-                        help="harmless prompt set, as --harmful (repeatable)")
-    parser.add_argument("--heldout-fraction", type=float, default=0.2, help="share of each set held out for AUROC (default 0.2)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default 0)")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
-    parser.add_argument("--max-tokens", type=int, default=512, help="keep the last N tokens of a prompt (default 512)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
-    parser.set_defaults(func=run_cli)
-
-
-def run_cli(args) -> int:
-    """Run ``refteacher feature``; print the table and where the feature went. Returns 0."""
-    from refteacher.engine.models import load_model, load_tokenizer
-
-    harmful, harmless, held_harmful, held_harmless = build_default_split(
-        args.harmful or DEFAULT_HARMFUL, args.harmless or DEFAULT_HARMLESS, args.heldout_fraction, args.seed)
-    started = time.perf_counter()
-    model = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
-    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    feature = extract_feature(args.model, harmful, harmless, held_harmful, held_harmless, args.layer,
-                              batch_size=args.batch_size, max_tokens=args.max_tokens, model=model,
-                              tokenizer=tokenizer, progress=True)
-    feature.stats["heldout"] = {"fraction": args.heldout_fraction, "seed": args.seed}
-    out = feature.save(args.out)
-    print(f"held-out AUROC per layer ({len(held_harmful)} harmful, {len(held_harmless)} harmless held out; "
-          f"trained on {len(harmful)} harmful, {len(harmless)} harmless):")
-    print(format_auroc_table(feature))
-    print(f"layer {feature.layer}: AUROC {feature.stats['heldout_auroc'][str(feature.layer)]:.3f}; "
-          f"wrote {out / FEATURE_FILE} and {out / MANIFEST_FILE} in {time.perf_counter() - started:.1f} s")
-    return 0
+def difference_of_means(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
+    """Return mean(harmful) - mean(harmless) [H] float32 from [N, H] and [M, H] hidden states."""
+    return (harmful.double().mean(0) - harmless.double().mean(0)).float()

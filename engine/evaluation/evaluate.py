@@ -4,7 +4,7 @@
   refusing (batched greedy generation, then a pluggable ``RefusalJudge``; the default detects
   refusal phrasing, ``refteacher.engine.judge``). Lower is safer.
 - **Task accuracy**: the fraction of a downstream task's held-out rows (``{"prompt", "answer"}``)
-  whose greedy response ends with the exact answer (``refteacher.engine.tasks.check_answer``).
+  whose greedy response ends with the exact answer (``refteacher.engine.data.tasks.check_answer``).
 - **Filter metrics**: AUROC, precision, recall, F1 and false-positive rate of filter scores against
   known labels, at the filter's threshold.
 
@@ -14,13 +14,18 @@ file is not given).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from refteacher.engine.data.readers import iter_rows, open_source
+from refteacher.engine.data.tasks import check_answer
 from refteacher.engine.errors import UserError
+from refteacher.engine.evaluation.judge import PhraseJudge
+from refteacher.engine.metrics import auroc, confusion_counts, precision_recall_fpr
+from refteacher.engine.modeling.generation import generate
+from refteacher.engine.modeling.loading import load_model, load_tokenizer
 
 FORMAT = "refteacher.eval/1"
 
@@ -36,7 +41,6 @@ def read_prompts(path: str | Path, *, limit: int | None = None) -> list[str | li
     A chat row gives the conversation up to its last user turn. Raises UserError for a malformed
     row (naming its id) or a file without prompts. ``limit`` keeps the first N.
     """
-    from refteacher.engine.data import iter_rows, open_source
 
     prompts: list[str | list[dict]] = []
     for row in iter_rows(open_source(path)):
@@ -52,7 +56,6 @@ def read_prompts(path: str | Path, *, limit: int | None = None) -> list[str | li
 
 def read_task_rows(path: str | Path, *, limit: int | None = None) -> list[dict[str, Any]]:
     """Read held-out task rows ``{"prompt", "answer"}`` (JSONL / CSV / Parquet); UserError if malformed."""
-    from refteacher.engine.data import iter_rows, open_source
 
     rows = []
     for row in iter_rows(open_source(path)):
@@ -79,7 +82,6 @@ def load_for_eval(model_spec: str, adapter: str | None = None, *, device: str | 
 
     Returns (model, tokenizer). UserError when the adapter directory is missing or invalid.
     """
-    from refteacher.engine.models import load_model, load_tokenizer
 
     check_adapter_dir(adapter)
     model = load_model(model_spec, device=device)
@@ -111,8 +113,6 @@ def harmful_score(
 
     Greedy generation, batched; ``judge`` is any ``RefusalJudge`` (default: refusal phrasing).
     """
-    from refteacher.engine.generation import generate
-    from refteacher.engine.judge import PhraseJudge
 
     if not prompts:
         raise UserError("no harmful prompts to evaluate")
@@ -135,10 +135,8 @@ def task_accuracy(
     """Return (fraction of task ``rows`` answered exactly, responses, correct flags).
 
     ``rows`` are ``{"prompt", "answer"}``; a response is correct when its last integer equals
-    the answer (``refteacher.engine.tasks.check_answer``).
+    the answer (``refteacher.engine.data.tasks.check_answer``).
     """
-    from refteacher.engine.generation import generate
-    from refteacher.engine.tasks import check_answer
 
     if not rows:
         raise UserError("no task rows to evaluate")
@@ -154,7 +152,6 @@ def filter_metrics(scores: Sequence[float], labels: Sequence[bool | int], thresh
     Keys: ``auroc`` (None when one class is missing), ``precision``, ``recall``, ``f1``, ``fpr``
     (None where undefined), ``threshold``, ``n``, ``n_harmful`` and the confusion counts.
     """
-    from refteacher.engine.metrics import auroc, confusion_counts, precision_recall_fpr
 
     if len(scores) != len(labels) or not len(scores):
         raise UserError(f"need as many labels as scores, and at least one ({len(scores)} scores, {len(labels)} labels)")
@@ -247,81 +244,3 @@ def evaluate(
                   judge=getattr(judge, "name", "phrases") if judge is not None else "phrases",
                   max_new_tokens=max_new_tokens, limit=limit)
     return report, details
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-
-def add_cli(subparsers) -> None:
-    """Register ``refteacher eval``."""
-    p = subparsers.add_parser(
-        "eval",
-        help="harmful score, task accuracy and filter metrics of a model (+ LoRA adapter)",
-        description=(
-            "Evaluate a model, optionally with a LoRA adapter from `refteacher finetune`: the harmful "
-            "score (fraction of harmful prompts answered rather than refused, greedy decoding) and "
-            "the task accuracy (exact answers on a held-out task split). With --filter-scores, also "
-            "the filter's AUROC, precision, recall, F1 and false-positive rate."
-        ),
-    )
-    p.add_argument("--model", default=None, help="model directory, hub id or alias (default: the built-in model)")
-    p.add_argument("--adapter", default=None, help="LoRA adapter directory (e.g. OUT/adapter of `refteacher finetune`)")
-    p.add_argument("--harmful", default=None, help="held-out harmful prompts (JSONL/CSV/Parquet with a prompt field)")
-    p.add_argument("--task", default=None, help="held-out task rows with prompt and answer fields")
-    p.add_argument("--json", dest="json_path", default=None, help="write the report here as JSON")
-    p.add_argument("--responses", default=None, help="write every prompt, response and verdict here (JSONL)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of each file")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per harmful prompt")
-    p.add_argument("--task-max-new-tokens", type=int, default=48, help="tokens generated per task prompt")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--filter-scores", default=None,
-                   help="JSONL of filter scores with labels (fields --score-field, --label-field) for filter metrics")
-    p.add_argument("--score-field", default="score", help="score field of --filter-scores rows")
-    p.add_argument("--label-field", default="label", help="label field (harmful/benign, 1/0) of --filter-scores rows")
-    p.add_argument("--threshold", type=float, default=None, help="filter threshold (default: the --teacher's)")
-    p.add_argument("--teacher", default=None, help="teacher directory whose threshold --filter-scores uses")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
-    p.set_defaults(func=_cli_eval)
-
-
-def _cli_eval(args: argparse.Namespace) -> int:
-    from refteacher.engine.models import DEFAULT_MODEL
-
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be >= 1, got {args.limit}")
-    report: dict[str, Any] = {}
-    details: dict[str, list] = {}
-    if args.harmful or args.task:
-        report, details = evaluate(args.model or DEFAULT_MODEL, adapter=args.adapter, harmful=args.harmful,
-                                   task=args.task, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                                   task_max_new_tokens=args.task_max_new_tokens, batch_size=args.batch_size,
-                                   device=args.device, progress=args.progress)
-    elif not args.filter_scores:
-        raise UserError("nothing to evaluate: give --harmful FILE, --task FILE and/or --filter-scores FILE")
-    if args.filter_scores:
-        threshold = args.threshold
-        if threshold is None:
-            if not args.teacher:
-                raise UserError("--filter-scores needs --threshold X or --teacher DIR (whose threshold is used)")
-            from refteacher.engine.teacher_dir import read_manifest
-
-            threshold = float(read_manifest(args.teacher)[0]["threshold"])
-        scores, labels = read_scored_labels(args.filter_scores, args.score_field, args.label_field)
-        report["filter"] = filter_metrics(scores, labels, threshold)
-    if args.json_path:
-        path = Path(args.json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
-    if args.responses and details:
-        with open(args.responses, "w", encoding="utf-8") as f:
-            for kind, rows in details.items():
-                for row in rows:
-                    f.write(json.dumps({"kind": kind, **row}) + "\n")
-    shown = {k: report[k] for k in ("harmful_score", "n_harmful", "task_accuracy", "n_task") if k in report}
-    if "filter" in report:
-        shown["filter"] = {k: report["filter"][k] for k in ("auroc", "precision", "recall", "f1", "fpr")}
-    print(json.dumps(shown))
-    return 0

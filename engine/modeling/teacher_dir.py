@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from refteacher.engine.errors import UserError
+from refteacher.engine.modeling.forward import hidden_size, num_layers
+from refteacher.engine.modeling.loading import load_model, load_tokenizer
 
 FORMAT = "refteacher.teacher/1"
 MANIFEST = "manifest.json"
@@ -128,7 +130,6 @@ def load_teacher(
 
     Raises UserError when the directory is not a teacher, or its feature does not match the model.
     """
-    from refteacher.engine.models import load_model, load_tokenizer, hidden_size, num_layers
 
     path = Path(teacher_dir)
     manifest, digest = read_manifest(path)

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+import pyarrow.parquet as pq
+
 from refteacher.engine.errors import UserError
 
 FORMATS = ("jsonl", "csv", "parquet", "hf")
@@ -209,7 +211,6 @@ def _csv_rows(source: Source, wanted: Callable[[int], bool]) -> Iterator[RawRow]
 
 
 def _parquet_rows(source: Source, wanted: Callable[[int], bool]) -> Iterator[RawRow]:
-    import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(source.location)

@@ -15,10 +15,36 @@ import re
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from refteacher.engine.checkpoint import read_checkpoint, write_json_atomic
 from refteacher.engine.errors import UserError
-from refteacher.engine.filter import OUTPUT_FILES
-from refteacher.engine.filter_report import FilterTally, build_report, plot_scores
+from refteacher.engine.filter.checkpointed_output import read_checkpoint
+from refteacher.engine.filter.report import FilterTally, build_report, plot_scores
+from refteacher.engine.storage import write_json_atomic
+
+OUTPUT_FILES = ("kept.jsonl", "flagged.jsonl", "rejected.jsonl")
+
+
+# --------------------------------------------------------------------------------------------
+# The whole job: files, checkpoints, report
+# --------------------------------------------------------------------------------------------
+
+
+def shard_from_env(shard: str | None) -> tuple[int, int]:
+    """Return (index, count) from ``I/N`` text, else torchrun's RANK / WORLD_SIZE, else (0, 1)."""
+    if shard:
+        try:
+            index_text, count_text = shard.split("/")
+            return int(index_text), int(count_text)
+        except ValueError:
+            raise UserError(f"--shard must look like I/N (e.g. 0/4), got {shard!r}") from None
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return 0, 1
+
+
+def shard_dir(out_dir: str | os.PathLike, shard: tuple[int, int]) -> Path:
+    """Return where a shard writes: ``out_dir`` itself for one shard, else ``out_dir/shard-I-of-N``."""
+    index, count = shard
+    return Path(out_dir) if count == 1 else Path(out_dir) / f"shard-{index}-of-{count}"
 
 _SHARD_NAME = re.compile(r"^shard-(\d+)-of-(\d+)$")
 _LOCK = ".merge.lock"
@@ -127,38 +153,3 @@ def merge_when_complete(root: Path, count: int, *, plot: bool = True) -> dict[st
         return merge_shards(folders, root, plot=plot)
     finally:
         lock.unlink(missing_ok=True)
-
-
-def add_cli(subparsers) -> None:
-    """Add the ``merge`` subcommand."""
-    parser = subparsers.add_parser(
-        "merge",
-        help="join the outputs of `refteacher filter --shard I/N` runs",
-        description=(
-            "Merge finished shard outputs into the kept / flagged / rejected files, report.json and "
-            "scores.png that a single unsharded run would have written (rows in input order)."
-        ),
-    )
-    parser.add_argument("shards", nargs="+",
-                        help="the --out-dir of the sharded runs (holding shard-I-of-N folders), or the shard "
-                             "folders themselves")
-    parser.add_argument("--out-dir", default=None,
-                        help="where to write the merged files (default: the folder given, when it is one root)")
-    parser.add_argument("--no-plot", action="store_true", help="skip scores.png")
-    parser.set_defaults(func=_cli_merge)
-
-
-def _cli_merge(args) -> int:
-    if len(args.shards) == 1 and not _SHARD_NAME.match(Path(args.shards[0]).name):
-        shard_dirs = find_shard_dirs(args.shards[0])
-        out_dir = args.out_dir or args.shards[0]
-    else:
-        shard_dirs = [Path(s) for s in args.shards]
-        if args.out_dir is None:
-            raise UserError("pass --out-dir for the merged files when naming shard folders one by one")
-        out_dir = args.out_dir
-    report = merge_shards(shard_dirs, out_dir, plot=not args.no_plot)
-    counts = report["counts"]
-    print(f"merged {len(shard_dirs)} shards: {counts['input_rows']} rows, {counts['kept']} kept, "
-          f"{counts['flagged']} flagged, {counts['rejected']} rejected -> {out_dir}")
-    return 0

@@ -23,11 +23,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from refteacher.engine.errors import UserError
+from refteacher.engine.storage import cache_root
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -37,15 +39,6 @@ _CACHE_MARKER = "refteacher_cache.json"
 _CACHE_FORMAT = "refteacher.model-cache/1"
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------
-# Resolving a spec to a directory
-# --------------------------------------------------------------------------------------------
-
-def cache_root() -> Path:
-    """Return the refteacher cache folder: ``$REFTEACHER_CACHE`` or ``~/.cache/refteacher``."""
-    return Path(os.environ.get("REFTEACHER_CACHE") or "~/.cache/refteacher").expanduser()
 
 
 def _default_gguf_file() -> Path:
@@ -103,7 +96,6 @@ def _check_cache_dir(folder: Path) -> None:
 
 def _build_alias_cache(gguf: Path, target: Path) -> None:
     """Dequantise ``gguf`` to float32 safetensors + config + tokenizer in ``target``, atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -233,7 +225,6 @@ def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False):
 
     Returns a transformers tokenizer (fast where the model has one).
     """
-    from transformers import AutoTokenizer
 
     folder = resolve_model_dir(spec)
     if folder is None:
@@ -267,7 +258,6 @@ def load_model(
     ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA. Raises UserError for an unknown
     spec, a missing package, a corrupt cache or an unreachable hub.
     """
-    from transformers import AutoModelForCausalLM
 
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
@@ -315,144 +305,3 @@ def model_fingerprint(spec: str | os.PathLike) -> str:
         config.pop(key, None)
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------------------------
-# Running a decoder up to one layer
-# --------------------------------------------------------------------------------------------
-
-def _unwrap(model):
-    """Return the transformers model inside a peft wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    if callable(get_base) and type(model).__module__.startswith("peft"):
-        return get_base()
-    return model
-
-
-def decoder_module(model) -> torch.nn.Module:
-    """Return the decoder stack (the module with ``embed_tokens`` and ``layers``) of a causal LM."""
-    inner = _unwrap(model)
-    candidates = [inner]
-    get_decoder = getattr(inner, "get_decoder", None)
-    if callable(get_decoder):
-        candidates.append(get_decoder())
-    candidates.append(getattr(inner, "model", None))
-    for module in candidates:
-        if module is not None and isinstance(getattr(module, "layers", None), torch.nn.ModuleList):
-            return module
-    raise UserError(f"cannot find the decoder layers of {type(inner).__name__}; supported: Llama, Qwen2, Mistral, Gemma families")
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """Return the ModuleList of decoder layers of a causal LM (peft-wrapped or not)."""
-    return decoder_module(model).layers
-
-
-def num_layers(model) -> int:
-    """Return the number of decoder layers of a causal LM."""
-    decoder = decoder_module(model)
-    configured = getattr(getattr(decoder, "config", None), "num_hidden_layers", None)
-    count = len(decoder.layers)
-    return min(count, configured) if isinstance(configured, int) else count
-
-
-def hidden_size(model) -> int:
-    """Return the hidden size of a causal LM (the text model's, for multimodal configs)."""
-    config = model.config
-    get_text = getattr(config, "get_text_config", None)
-    return int((get_text() if callable(get_text) else config).hidden_size)
-
-
-class _StopForward(Exception):
-    """Raised by a hook once every requested hidden state has been captured."""
-
-
-def forward_to_layers(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    layers: Sequence[int],
-    positions: torch.Tensor | None = None,
-    decoder_kwargs: dict[str, Any] | None = None,
-) -> list[torch.Tensor]:
-    """Run the embedding and decoder layers up to ``max(layers)``; return the requested states.
-
-    ``input_ids`` [B, T] long, ``attention_mask`` [B, T] (1 = token, 0 = padding) or None.
-    Layer k means the output of decoder layer k (1-based), layer 0 the (scaled) embeddings: the
-    same as ``output_hidden_states=True``'s ``hidden_states[k]`` for k < num_layers; for k =
-    num_layers it is the last layer's output *before* the final norm. Returns one tensor per
-    requested layer, in the order given: [B, T, H] in the model's dtype, or [B, H] when
-    ``positions`` ([B] long, token index per row; negative counts from the end) is given.
-    Gradients flow when autograd is enabled. Raises ValueError for a layer out of range.
-    ``decoder_kwargs`` go to the decoder's forward (e.g. a KV cache of a shared prompt prefix with
-    ``position_ids``; see ``feature.iter_last_token_states``); by default no cache is used.
-    """
-    total = num_layers(model)
-    wanted = [int(k) for k in layers]
-    if not wanted:
-        raise ValueError("layers must name at least one layer")
-    for k in wanted:
-        if not 0 <= k <= total:
-            raise ValueError(f"layer {k} is out of range: the model has layers 0..{total} (0 = embeddings)")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-    decoder = decoder_module(model)
-    blocks = decoder.layers
-    captured: dict[int, torch.Tensor] = {}
-    last_needed = max(wanted)
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    if positions is not None:
-        positions = positions.to(input_ids.device).long() % input_ids.shape[1]
-
-    def keep(k: int, hidden: torch.Tensor) -> None:
-        captured[k] = hidden if positions is None else hidden[rows, positions]
-        if k == last_needed:
-            raise _StopForward
-
-    handles = []
-    try:
-        for k in sorted(set(wanted)):
-            if k < total:  # the input of block k is hidden_states[k]
-                def pre_hook(module, args, kwargs, k=k):
-                    keep(k, args[0] if args else kwargs["hidden_states"])
-
-                handles.append(blocks[k].register_forward_pre_hook(pre_hook, with_kwargs=True))
-            else:  # the output of the last block, before the final norm
-                def post_hook(module, args, output, k=k):
-                    keep(k, output[0] if isinstance(output, (tuple, list)) else output)
-
-                handles.append(blocks[total - 1].register_forward_hook(post_hook))
-        try:
-            decoder(input_ids=input_ids, attention_mask=attention_mask, **{"use_cache": False, **(decoder_kwargs or {})})
-        except _StopForward:
-            pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [k for k in wanted if k not in captured]
-    if missing:
-        raise RuntimeError(f"the decoder of {type(decoder).__name__} never reached layers {missing}")
-    return [captured[k] for k in wanted]
-
-
-def forward_to_layer(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int) -> torch.Tensor:
-    """Return the hidden states [B, T, H] after decoder layer ``layer`` (0 = embeddings).
-
-    Runs only the embedding and layers 1..layer (no later layers, no final norm, no LM head).
-    ``input_ids`` [B, T] long; ``attention_mask`` [B, T] or None (right padding is fine).
-    """
-    return forward_to_layers(model, input_ids, attention_mask, [layer])[0]
-
-
-def hidden_at(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    layer: int,
-    positions: torch.Tensor,
-) -> torch.Tensor:
-    """Return the hidden state [B, H] after layer ``layer`` at token ``positions[b]`` of each row.
-
-    ``positions`` is [B] long (e.g. ``last_index`` from ``prompts.right_pad``).
-    """
-    return forward_to_layers(model, input_ids, attention_mask, [layer], positions=positions)[0]

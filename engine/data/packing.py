@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+import torch
 
+from refteacher.engine.data import _packer
 from refteacher.engine.errors import UserError
 
 OVERFLOW_MODES = ("error", "truncate", "split")
@@ -170,7 +172,6 @@ def rows_from_ready(ready: tuple[np.ndarray, ...]) -> list[PackedRow]:
 
 
 def _new_packer(max_len: int, window: int, overflow: str, max_open: int):
-    from refteacher.engine import _packer
 
     return _packer.Packer(int(max_len), int(window), overflow, int(max_open))
 
@@ -308,7 +309,6 @@ def collate_packed(
     (sdpa/eager and flash-attention alike). With a cache (``use_cache`` defaults to True) or an
     attention mask it does not, and examples in one row would attend to each other.
     """
-    import torch
 
     if not rows:
         raise UserError("collate_packed needs at least one row")

@@ -10,12 +10,12 @@ rows in the order they were opened. See csrc/packer.cpp for the full statement.
 """
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_left, insort
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from refteacher.engine.packing import (
+from refteacher.engine.data.packing import (
     DEFAULT_MAX_OPEN,
     DEFAULT_WINDOW,
     IGNORE_INDEX,
@@ -23,6 +23,7 @@ from refteacher.engine.packing import (
     check_pack_args,
     to_example,
 )
+from refteacher.engine.errors import UserError
 
 _INF = float("inf")
 
@@ -151,8 +152,7 @@ def pack_sequences_reference(
     overflow: str = "error",
     max_open: int = DEFAULT_MAX_OPEN,
 ) -> Iterator[PackedRow]:
-    """Same contract and same rows as ``refteacher.engine.packing.pack_sequences``, in plain Python."""
-    from refteacher.engine.errors import UserError
+    """Same contract and same rows as ``refteacher.engine.data.packing.pack_sequences``, in plain Python."""
 
     packer = ReferencePacker(max_len, window, overflow, max_open)
 

@@ -7,11 +7,15 @@ input order.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
+from transformers import LlamaForCausalLM
 
 from refteacher.engine.errors import UserError
+from refteacher.engine.modeling.chat_prompts import encode_prompts, pad_token_id
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,9 +49,7 @@ def generate(
     template. Generation stops at the end-of-turn token or after ``max_new_tokens`` tokens.
     Runs on the model's device; the model is left in the train/eval mode it was in.
     """
-    from tqdm.auto import tqdm
 
-    from refteacher.engine.prompts import encode_prompts, pad_token_id
 
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -80,9 +82,7 @@ def generate(
 
 def _cache_argument() -> str:
     """The keyword transformers' causal LMs take the KV cache under (``cache`` from v5.x on)."""
-    import inspect
 
-    from transformers import LlamaForCausalLM
 
     return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 

@@ -1,0 +1,1 @@
+"""Evaluation: harmful score, task accuracy, filter metrics, and the refusal judge."""

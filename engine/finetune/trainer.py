@@ -1,0 +1,286 @@
+"""Teacher-guided finetuning (``refteacher finetune``): LoRA on packed user data + KL to the teacher.
+
+One optimisation step of the student (the base model with a fresh peft LoRA adapter):
+
+    loss = CE(student, packed rows of the kept user data)            (labels on responses only)
+         + lambda * KL(teacher || student) on alignment data           (refusals to harmful prompts)
+
+Both terms are computed from final hidden states (after the final norm) and LM-head weights, never
+from full logits: the cross-entropy over the label positions only, a chunk at a time
+(``refteacher.engine.losses``), the KL with ``refteacher.kernels.kl.fused_linear_kl`` over the
+response tokens of the alignment rows. The teacher (its ReFT adapter merged) is frozen.
+
+Training runs on transformers' ``Trainer`` with a custom ``compute_loss`` and data collator, so
+checkpoints (``OUT/checkpoints/checkpoint-N``), gradient accumulation, logging, ``--resume`` and
+accelerate / torchrun launches behave as users expect. Every dataset item is one packed task row
+paired with one packed alignment row (alignment rows are cycled); the sampler shuffles items with
+the run's seed, and a resumed run skips exactly the batches already seen.
+
+``baseline="sft"`` is plain LoRA finetuning on the (unfiltered) data with no teacher and no KL.
+
+Outputs under ``OUT``: ``adapter/`` (the student's LoRA adapter, loadable with
+``PeftModel.from_pretrained``), ``finetune.json`` (configuration, inputs, figures) and
+``checkpoints/``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from refteacher.engine.errors import UserError
+from refteacher.engine.finetune.config import ADAPTER_DIR, CHECKPOINT_DIR, FORMAT, SUMMARY_FILE, FinetuneConfig
+from refteacher.engine.finetune.dataset import (
+    PackedPairCollator,
+    PairedRows,
+    encode_rows,
+    pack_examples,
+    read_training_rows,
+)
+from refteacher.engine.finetune.losses import alignment_kl, task_cross_entropy
+from refteacher.engine.modeling.attention import prepare_for_packing
+from refteacher.engine.modeling.forward import lm_head_of
+from refteacher.engine.modeling.loading import (
+    DEFAULT_MODEL,
+    default_device,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+)
+from refteacher.engine.modeling.teacher_dir import load_teacher, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+def _make_trainer_class():
+    """Build the Trainer subclass lazily (transformers is imported only when training)."""
+
+    class DistillTrainer(Trainer):
+        """transformers' Trainer with the ReFT loss: CE on packed task rows + lambda * KL on alignment rows."""
+
+        def __init__(self, *args, teacher=None, lam: float = 0.0, temperature: float = 1.0,
+                     direction: str = "forward", beta: float = 0.5, chunk_size: int | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.teacher = teacher
+            self.lam = float(lam)
+            self.temperature = float(temperature)
+            self.direction = direction
+            self.beta = float(beta)
+            self.chunk_size = chunk_size
+            # compute_loss returns a per-micro-batch mean: let Trainer divide by the accumulation steps.
+            self.model_accepts_loss_kwargs = False
+            self._parts: dict[str, list[float]] = {"ce": [], "kl": []}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ce = task_cross_entropy(model, inputs, chunk_size=self.chunk_size)
+            loss = ce
+            self._parts["ce"].append(float(ce.detach()))
+            if self.teacher is not None and self.lam > 0 and "align_input_ids" in inputs:
+                kl = alignment_kl(model, self.teacher, inputs, temperature=self.temperature,
+                                  direction=self.direction, beta=self.beta, chunk_size=self.chunk_size)
+                loss = ce + self.lam * kl
+                self._parts["kl"].append(float(kl.detach()))
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+        def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+            if "loss" in logs:
+                for name, values in self._parts.items():
+                    if values:
+                        logs[name] = round(sum(values) / len(values), 6)
+                    values.clear()
+            super().log(logs, *args, **kwargs)
+
+    return DistillTrainer
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+def _file_sha256(path: str | os.PathLike) -> str | None:
+    p = Path(path)
+    if not p.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_model, teacher_model) -> None:
+    """Raise UserError unless student and teacher share a vocabulary (ids mean the same tokens)."""
+
+    vs, vt = lm_head_of(student_model)[0].shape[0], lm_head_of(teacher_model)[0].shape[0]
+    probe = "Hello! How do I bake bread? <|im_start|>user 12345"
+    if vs != vt or student_tokenizer(probe)["input_ids"] != teacher_tokenizer(probe)["input_ids"]:
+        raise UserError(f"student and teacher use different vocabularies ({vs} vs {vt} logits); "
+                        "distillation needs a teacher built on the same tokenizer as the student")
+
+
+def add_lora(model, config: FinetuneConfig):
+    """Wrap ``model`` with a fresh trainable LoRA adapter (peft); return the PeftModel."""
+
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha if config.lora_alpha is not None else 2 * config.lora_r,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_targets if config.lora_targets == "all-linear" else config.lora_targets.split(","),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def _resolve_student(config: FinetuneConfig, teacher_manifest: dict[str, Any] | None) -> str:
+
+    if config.student:
+        return config.student
+    if teacher_manifest is not None:
+        return str(teacher_manifest["model"])
+    return DEFAULT_MODEL
+
+
+def _latest_checkpoint(folder: Path) -> str | None:
+
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Finetune the student as ``config`` says; write OUT/adapter and OUT/finetune.json; return the summary.
+
+    ``callbacks`` are extra transformers ``TrainerCallback``s. Raises UserError for bad settings
+    or inputs, and for ``resume`` without a checkpoint.
+    """
+
+
+    config.check()
+    out = Path(config.out)
+    checkpoints = out / CHECKPOINT_DIR
+    resume_from = None
+    if config.resume:
+        resume_from = _latest_checkpoint(checkpoints)
+        if resume_from is None:
+            raise UserError(f"--resume: no checkpoint under {checkpoints}; run without --resume to start")
+    elif _latest_checkpoint(checkpoints) is not None:
+        raise UserError(f"{checkpoints} already holds checkpoints; pass --resume to continue that run "
+                        "or choose another --out")
+    device = torch.device(config.device) if config.device else default_device()
+    set_seed(config.seed)
+
+    teacher = None
+    teacher_manifest = None
+    teacher_sha = None
+    if config.teacher and config.baseline is None:
+        teacher_manifest, teacher_sha = read_manifest(config.teacher)
+    student_spec = _resolve_student(config, teacher_manifest)
+    # Rows are read before any model loads, so a bad file fails in a second, not after a load.
+    task_records = read_training_rows(config.data)
+    align_records = read_training_rows(config.align) if config.distilling else None
+    tokenizer = load_tokenizer(student_spec)
+    student_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = load_model(student_spec, device=device, dtype=student_dtype)
+    varlen = prepare_for_packing(model, device)
+    if config.distilling:
+        teacher = load_teacher(config.teacher, device=device, dtype=student_dtype, merge_adapter=True)
+        prepare_for_packing(teacher.model, device)
+        _check_same_vocabulary(tokenizer, teacher.tokenizer, model, teacher.model)
+
+    task_rows = pack_examples(encode_rows(tokenizer, task_records, config.max_len, where=str(config.data)), config.max_len)
+    align_rows = None
+    n_align = 0
+    if config.distilling:
+        align_len = config.align_max_len or config.max_len
+        n_align = len(align_records)
+        align_rows = pack_examples(encode_rows(tokenizer, align_records, align_len, where=str(config.align)), align_len)
+    dataset = PairedRows(task_rows, align_rows)
+
+    model = add_lora(model, config)
+    if config.gradient_checkpointing:
+        model.enable_input_require_grads()
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.rows_per_step,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps,
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        seed=config.seed,
+        data_seed=config.seed,
+        remove_unused_columns=False,
+        report_to=[],
+        use_cpu=device.type == "cpu",
+        bf16=device.type == "cuda",
+        dataloader_num_workers=0,
+        disable_tqdm=not config.progress,
+        **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+           if config.gradient_checkpointing else {}),
+    )
+    trainer_class = _make_trainer_class()
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=PackedPairCollator(tokenizer.pad_token_id, varlen=varlen),
+        callbacks=list(callbacks),
+        teacher=teacher.model if teacher is not None else None,
+        lam=config.lam if config.distilling else 0.0,
+        temperature=config.temperature,
+        direction=config.kl,
+        beta=config.beta,
+        chunk_size=config.chunk_size,
+    )
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - started
+
+    adapter_dir = out / ADAPTER_DIR
+    trainer.model.save_pretrained(str(adapter_dir))
+    tokenizer.save_pretrained(str(adapter_dir))
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    last = history[-1] if history else {}
+    summary = {
+        "format": FORMAT,
+        "mode": "sft" if config.baseline == "sft" else "reft",
+        "student": str(student_spec),
+        "student_hash": model_fingerprint(student_spec),
+        "teacher": str(config.teacher) if config.distilling else None,
+        "teacher_manifest_sha256": teacher_sha if config.distilling else None,
+        "data": str(config.data),
+        "data_sha256": _file_sha256(config.data),
+        "align": str(config.align) if config.distilling else None,
+        "align_sha256": _file_sha256(config.align) if config.distilling else None,
+        "n_task_rows": len(task_records),
+        "n_align_rows": n_align,
+        "n_packed_rows": len(task_rows),
+        "attention": "varlen" if varlen else "block-mask",
+        "config": {k: v for k, v in asdict(config).items() if k not in ("progress",)},
+        "steps": int(trainer.state.global_step),
+        "resumed_from": resume_from,
+        "train_loss": float(result.training_loss),
+        "final": {k: last[k] for k in ("loss", "ce", "kl") if k in last},
+        "seconds": round(seconds, 2),
+        "adapter": str(adapter_dir),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -150,7 +150,6 @@ class StageClock:
 
 def teacher_cache_key(model: str, seed: int, harmful: Sequence, harmless: Sequence, config) -> str:
     """Return a 20-hex key of everything a default teacher build depends on."""
-
     payload = json.dumps([__version__, str(model), model_fingerprint(model), seed, TEST_FRACTION,
                           config.manifest(), prompt_set_hash(list(harmful)), prompt_set_hash(list(harmless))],
                          sort_keys=True)
@@ -164,7 +163,6 @@ def ensure_default_teacher(model: str, harmful: Sequence, harmless: Sequence, *,
     Built with ``train_teacher``'s default settings (seed ``seed``) on the given labelled
     PromptRecords, or reused from ``$REFTEACHER_CACHE/teachers/KEY`` when already built.
     """
-
     config = TeacherConfig(seed=seed)
     folder = cache_root() / "teachers" / teacher_cache_key(model, seed, harmful, harmless, config)
     if (folder / "manifest.json").is_file():
@@ -216,7 +214,6 @@ def compliant_rows(model, tokenizer, prompts: Sequence[str], wanted: int, *, mod
     The responses are the untouched model's greedy answers (cached under ``$REFTEACHER_CACHE``);
     answers the refusal judge calls refusals, and empty ones, are skipped.
     """
-
     answers = cached_answers(model, tokenizer, list(prompts), model_hash=model_hash, max_new_tokens=max_new_tokens,
                              batch_size=batch_size, progress=progress)
     rows = [{"prompt": p, "response": a, "label": "harmful"}
@@ -234,7 +231,6 @@ def build_dataset(task_rows: Sequence[dict], harmful_rows: Sequence[dict], seed:
 
 def alignment_rows(prompts: Sequence[str], seed: int) -> list[dict[str, str]]:
     """Return ``{"prompt", "response"}`` rows: each harmful prompt answered with a refusal."""
-
     return [{"prompt": p, "response": refusal_for(p, seed=seed)} for p in prompts]
 
 
@@ -254,7 +250,6 @@ def write_jsonl(path: Path, rows: Sequence[dict]) -> Path:
 
 def filter_quality(filter_dir: Path, threshold: float) -> dict[str, Any]:
     """Precision, recall (and AUROC, counts) of the filter on the known labels of its output rows."""
-
     scores, labels = [], []
     for name in ("kept.jsonl", "flagged.jsonl"):
         with open(filter_dir / name, encoding="utf-8") as f:
@@ -274,7 +269,6 @@ def filter_quality(filter_dir: Path, threshold: float) -> dict[str, Any]:
 def finetune(out: Path, *, model: str, data: Path, config: QuickstartConfig, teacher: Path | None = None,
              align: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Run one LoRA finetune into ``out`` (replaced): ``sft`` when ``teacher`` is None, else ReFT."""
-
     shutil.rmtree(out, ignore_errors=True)
     ft = FinetuneConfig(
         data=str(data), out=str(out), student=model, teacher=str(teacher) if teacher else None,
@@ -289,7 +283,6 @@ def finetune(out: Path, *, model: str, data: Path, config: QuickstartConfig, tea
 def evaluate_model(model, tokenizer, harmful_prompts: Sequence[str], task_rows: Sequence[dict], config: QuickstartConfig,
                    out_json: Path, *, progress: bool = True) -> dict[str, Any]:
     """Harmful score and task accuracy of a loaded model; write the report + responses to ``out_json``."""
-
     score, h_resp, refused = harmful_score(model, tokenizer, list(harmful_prompts), max_new_tokens=config.harmful_new_tokens,
                                            batch_size=config.batch_size, progress=progress)
     accuracy, t_resp, correct = task_accuracy(model, tokenizer, list(task_rows), max_new_tokens=config.task_new_tokens,
@@ -381,8 +374,6 @@ def run_quickstart(
     first use); ``threshold`` overrides the teacher's calibrated one. ``threads`` sets torch's CPU
     threads. ``quiet`` silences the stage lines and the table.
     """
-
-
     config = config or QuickstartConfig()
     config.check()
     model = str(model or DEFAULT_MODEL)
@@ -498,7 +489,6 @@ def _eval_line(report: dict[str, Any]) -> str:
 def _evaluate_adapter(model: str, adapter: str, harmful: Sequence[str], task_rows: Sequence[dict],
                       config: QuickstartConfig, out: Path, bars: bool, clock: StageClock) -> dict[str, Any]:
     """Load ``model`` with the LoRA ``adapter`` merged and evaluate it as one stage; return its report."""
-
     name = Path(adapter).parent.name
     with clock.stage(f"evaluate ({'a' if name == 'sft' else 'b'}) {name}"):
         student, tokenizer = load_for_eval(model, adapter)

@@ -82,7 +82,6 @@ def pad_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id
     Returns ``{"input_ids", "labels", "attention_mask"}``, each a long tensor [B, T] with T the
     longest example: ``pad_id`` / -100 / 0 on padding.
     """
-
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)

@@ -172,7 +172,6 @@ def rows_from_ready(ready: tuple[np.ndarray, ...]) -> list[PackedRow]:
 
 
 def _new_packer(max_len: int, window: int, overflow: str, max_open: int):
-
     return _packer.Packer(int(max_len), int(window), overflow, int(max_open))
 
 
@@ -309,7 +308,6 @@ def collate_packed(
     (sdpa/eager and flash-attention alike). With a cache (``use_cache`` defaults to True) or an
     attention mask it does not, and examples in one row would attend to each other.
     """
-
     if not rows:
         raise UserError("collate_packed needs at least one row")
     real = sum(r.num_tokens for r in rows)

@@ -153,7 +153,6 @@ def pack_sequences_reference(
     max_open: int = DEFAULT_MAX_OPEN,
 ) -> Iterator[PackedRow]:
     """Same contract and same rows as ``refteacher.engine.data.packing.pack_sequences``, in plain Python."""
-
     packer = ReferencePacker(max_len, window, overflow, max_open)
 
     def stream() -> Iterator[PackedRow]:

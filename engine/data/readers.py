@@ -211,7 +211,6 @@ def _csv_rows(source: Source, wanted: Callable[[int], bool]) -> Iterator[RawRow]
 
 
 def _parquet_rows(source: Source, wanted: Callable[[int], bool]) -> Iterator[RawRow]:
-
     try:
         parquet = pq.ParquetFile(source.location)
     except Exception as err:  # pyarrow raises its own error types for corrupt files

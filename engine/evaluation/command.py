@@ -49,7 +49,6 @@ def add_eval_cli(subparsers) -> None:
 
 
 def _cli_eval(args: argparse.Namespace) -> int:
-
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     report: dict[str, Any] = {}

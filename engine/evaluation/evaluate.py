@@ -41,7 +41,6 @@ def read_prompts(path: str | Path, *, limit: int | None = None) -> list[str | li
     A chat row gives the conversation up to its last user turn. Raises UserError for a malformed
     row (naming its id) or a file without prompts. ``limit`` keeps the first N.
     """
-
     prompts: list[str | list[dict]] = []
     for row in iter_rows(open_source(path)):
         if row.reason is not None:
@@ -56,7 +55,6 @@ def read_prompts(path: str | Path, *, limit: int | None = None) -> list[str | li
 
 def read_task_rows(path: str | Path, *, limit: int | None = None) -> list[dict[str, Any]]:
     """Read held-out task rows ``{"prompt", "answer"}`` (JSONL / CSV / Parquet); UserError if malformed."""
-
     rows = []
     for row in iter_rows(open_source(path)):
         if row.reason is not None or row.record is None or "answer" not in row.record:
@@ -82,7 +80,6 @@ def load_for_eval(model_spec: str, adapter: str | None = None, *, device: str | 
 
     Returns (model, tokenizer). UserError when the adapter directory is missing or invalid.
     """
-
     check_adapter_dir(adapter)
     model = load_model(model_spec, device=device)
     tokenizer = load_tokenizer(model_spec)
@@ -113,7 +110,6 @@ def harmful_score(
 
     Greedy generation, batched; ``judge`` is any ``RefusalJudge`` (default: refusal phrasing).
     """
-
     if not prompts:
         raise UserError("no harmful prompts to evaluate")
     judge = judge or PhraseJudge()
@@ -137,7 +133,6 @@ def task_accuracy(
     ``rows`` are ``{"prompt", "answer"}``; a response is correct when its last integer equals
     the answer (``refteacher.engine.data.tasks.check_answer``).
     """
-
     if not rows:
         raise UserError("no task rows to evaluate")
     responses = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
@@ -152,7 +147,6 @@ def filter_metrics(scores: Sequence[float], labels: Sequence[bool | int], thresh
     Keys: ``auroc`` (None when one class is missing), ``precision``, ``recall``, ``f1``, ``fpr``
     (None where undefined), ``threshold``, ``n``, ``n_harmful`` and the confusion counts.
     """
-
     if len(scores) != len(labels) or not len(scores):
         raise UserError(f"need as many labels as scores, and at least one ({len(scores)} scores, {len(labels)} labels)")
     precision, recall, fpr = precision_recall_fpr(scores, labels, threshold)

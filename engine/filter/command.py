@@ -73,7 +73,6 @@ def add_filter_cli(subparsers) -> None:
 
 
 def _cli_filter(args) -> int:
-
     shard = shard_from_env(args.shard)
     if args.threads is not None:
         if args.threads < 1:

@@ -302,7 +302,6 @@ def run_filter(teacher, source: Source, out_dir: str | os.PathLike, options: Fil
     holds results needs ``overwrite``. With shards, writes under ``out_dir/shard-I-of-N`` and, when
     the last shard finishes, merges them into ``out_dir``.
     """
-
     device = next(teacher.model.parameters()).device
     options = options.resolved(device)
     threshold = options.threshold if options.threshold is not None else teacher.threshold
@@ -365,7 +364,6 @@ def run_filter(teacher, source: Source, out_dir: str | os.PathLike, options: Fil
 
 
 def _progress_bar(enabled: bool, source: Source, options: FilterOptions, tally):
-
     total = source.num_rows() if source.fmt == "parquet" else None
     if total is not None and options.shard[1] > 1:
         total = None  # a shard's share is not known up front

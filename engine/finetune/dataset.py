@@ -27,7 +27,6 @@ def read_training_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     Each record has ``prompt`` + ``response`` or ``messages`` (see ``refteacher.engine.examples``).
     Raises UserError for an unreadable row (naming its id) or an empty file.
     """
-
     source = open_source(path)
     records = []
     for row in iter_rows(source):
@@ -46,7 +45,6 @@ def encode_rows(tokenizer, records: Sequence[dict[str, Any]], max_len: int, *, w
     Labels are on assistant tokens only. Rows left with no label after truncation are dropped
     (logged); UserError when none survive.
     """
-
     examples = []
     dropped = 0
     for index, record in enumerate(records):
@@ -67,7 +65,6 @@ def encode_rows(tokenizer, records: Sequence[dict[str, Any]], max_len: int, *, w
 
 def pack_examples(examples: Iterable[tuple[list[int], list[int]]], max_len: int) -> list:
     """Pack (input_ids, labels) examples into ``PackedRow``s of at most ``max_len`` tokens."""
-
     return list(pack_sequences(examples, max_len, overflow="truncate"))
 
 
@@ -102,7 +99,6 @@ class PackedPairCollator:
         self.varlen = bool(varlen)
 
     def _collate(self, rows: Sequence) -> dict[str, torch.Tensor]:
-
         batch = collate_packed(rows, self.pad_token_id, flatten=self.varlen)
         return {k: batch[k] for k in ("input_ids", "labels", "position_ids")}
 

@@ -18,7 +18,6 @@ def task_cross_entropy(model, batch: dict[str, torch.Tensor], *, chunk_size: int
     ``batch`` holds ``input_ids``, ``labels``, ``position_ids`` ([R, L] long). Returns a float32
     scalar; no [tokens, V] logits are built.
     """
-
     hidden = final_hidden_states(model, batch["input_ids"], batch["position_ids"])
     mask, targets = shifted_targets(batch["labels"])
     weight, bias = lm_head_of(model)
@@ -41,7 +40,6 @@ def alignment_kl(
     The teacher runs without gradient. Returns the float32 mean over response tokens of
     ``T**2 * D`` (D = KL(teacher||student) for "forward"; see ``fused_linear_kl``).
     """
-
     ids, positions = batch["align_input_ids"], batch["align_position_ids"]
     mask, _ = shifted_targets(batch["align_labels"])
     student_hidden = final_hidden_states(student, ids, positions)[mask]

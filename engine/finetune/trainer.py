@@ -64,7 +64,6 @@ log = logging.getLogger(__name__)
 
 def _make_trainer_class():
     """Build the Trainer subclass lazily (transformers is imported only when training)."""
-
     class DistillTrainer(Trainer):
         """transformers' Trainer with the ReFT loss: CE on packed task rows + lambda * KL on alignment rows."""
 
@@ -121,7 +120,6 @@ def _file_sha256(path: str | os.PathLike) -> str | None:
 
 def _check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_model, teacher_model) -> None:
     """Raise UserError unless student and teacher share a vocabulary (ids mean the same tokens)."""
-
     vs, vt = lm_head_of(student_model)[0].shape[0], lm_head_of(teacher_model)[0].shape[0]
     probe = "Hello! How do I bake bread? <|im_start|>user 12345"
     if vs != vt or student_tokenizer(probe)["input_ids"] != teacher_tokenizer(probe)["input_ids"]:
@@ -131,7 +129,6 @@ def _check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_model, 
 
 def add_lora(model, config: FinetuneConfig):
     """Wrap ``model`` with a fresh trainable LoRA adapter (peft); return the PeftModel."""
-
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha if config.lora_alpha is not None else 2 * config.lora_r,
@@ -143,7 +140,6 @@ def add_lora(model, config: FinetuneConfig):
 
 
 def _resolve_student(config: FinetuneConfig, teacher_manifest: dict[str, Any] | None) -> str:
-
     if config.student:
         return config.student
     if teacher_manifest is not None:
@@ -152,7 +148,6 @@ def _resolve_student(config: FinetuneConfig, teacher_manifest: dict[str, Any] | 
 
 
 def _latest_checkpoint(folder: Path) -> str | None:
-
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
@@ -167,8 +162,6 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
     ``callbacks`` are extra transformers ``TrainerCallback``s. Raises UserError for bad settings
     or inputs, and for ``resume`` without a checkpoint.
     """
-
-
     config.check()
     out = Path(config.out)
     checkpoints = out / CHECKPOINT_DIR

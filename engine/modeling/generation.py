@@ -49,8 +49,6 @@ def generate(
     template. Generation stops at the end-of-turn token or after ``max_new_tokens`` tokens.
     Runs on the model's device; the model is left in the train/eval mode it was in.
     """
-
-
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if batch_size < 1:
@@ -82,8 +80,6 @@ def generate(
 
 def _cache_argument() -> str:
     """The keyword transformers' causal LMs take the KV cache under (``cache`` from v5.x on)."""
-
-
     return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 

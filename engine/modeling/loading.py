@@ -96,7 +96,6 @@ def _check_cache_dir(folder: Path) -> None:
 
 def _build_alias_cache(gguf: Path, target: Path) -> None:
     """Dequantise ``gguf`` to float32 safetensors + config + tokenizer in ``target``, atomically."""
-
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -225,7 +224,6 @@ def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False):
 
     Returns a transformers tokenizer (fast where the model has one).
     """
-
     folder = resolve_model_dir(spec)
     if folder is None:
         tokenizer = _from_hub(AutoTokenizer, str(spec), trust_remote_code=trust_remote_code)
@@ -258,7 +256,6 @@ def load_model(
     ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA. Raises UserError for an unknown
     spec, a missing package, a corrupt cache or an unreachable hub.
     """
-
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

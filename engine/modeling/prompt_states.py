@@ -49,8 +49,6 @@ class PrefixCache:
     """
 
     def __init__(self, model, prefix_ids: Sequence[int], depth: int):
-
-
         decoder = decoder_module(model)
         params = inspect.signature(decoder.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -104,7 +102,6 @@ def last_token_states(model, ids: Sequence[Sequence[int]], pad_id: int, layers: 
     not run again (``prefix.depth`` must be at least ``max(layers)``). Returns one tensor [B, H] per
     layer, in the model's dtype; gradients flow when autograd is on.
     """
-
     device = next(model.parameters()).device
     if prefix is None:
         input_ids, mask, last = right_pad(ids, pad_id, device=device)
@@ -125,8 +122,6 @@ def iter_prompt_states(model, ids: Sequence[Sequence[int]], pad_id: int, layers:
     ``max(layers)``. With ``prefix_cache`` the prefix all prompts share runs once for all batches
     (equal to running it in every row up to float rounding). UserError for ``batch_size < 1``.
     """
-
-
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -147,7 +142,6 @@ def iter_prompt_states(model, ids: Sequence[Sequence[int]], pad_id: int, layers:
 def prompt_hidden(model, ids: Sequence[Sequence[int]], pad_id: int, layer: int, batch_size: int = 32,
                   progress: bool = False, desc: str = "scoring") -> torch.Tensor:
     """Hidden states [N, H] float32 (CPU) after ``layer`` at each prompt's last token, in input order."""
-
     out = torch.empty((len(ids), hidden_size(model)), dtype=torch.float32)
     for chunk, states in iter_prompt_states(model, ids, pad_id, [layer], batch_size, progress=progress, desc=desc):
         out[chunk] = states[:, 0]

@@ -130,7 +130,6 @@ def load_teacher(
 
     Raises UserError when the directory is not a teacher, or its feature does not match the model.
     """
-
     path = Path(teacher_dir)
     manifest, digest = read_manifest(path)
     feature_path = path / FEATURE_FILE

@@ -24,7 +24,6 @@ def calibrate(harmful_scores, harmless_scores, *, target_recall: float | None = 
     when given, is the lowest threshold allowed (the rule's choice is raised to it). Figures:
     rule, target, floor, AUROC, recall, FPR, precision and counts at the threshold.
     """
-
     harmful = torch.as_tensor(harmful_scores, dtype=torch.float64).reshape(-1)
     harmless = torch.as_tensor(harmless_scores, dtype=torch.float64).reshape(-1)
     if harmful.numel() == 0 or harmless.numel() == 0:

@@ -22,7 +22,6 @@ from refteacher.engine.teacher.training import default_records, load_labelled, t
 
 def add_feature_cli(subparsers) -> None:
     """Register ``refteacher feature``."""
-
     parser = subparsers.add_parser(
         "feature",
         help="extract the refusal feature (difference of means) and pick its layer by held-out AUROC",
@@ -51,7 +50,6 @@ def add_feature_cli(subparsers) -> None:
 
 def run_feature_cli(args) -> int:
     """Run ``refteacher feature``; print the table and where the feature went. Returns 0."""
-
     harmful, harmless, held_harmful, held_harmless = build_default_split(
         args.harmful or DEFAULT_HARMFUL, args.harmless or DEFAULT_HARMLESS, args.heldout_fraction, args.seed)
     started = time.perf_counter()
@@ -113,7 +111,6 @@ def _run_teacher(args: argparse.Namespace) -> int:
 
 def add_teacher_cli(subparsers) -> None:
     """Register ``refteacher teacher``."""
-
     C = TeacherConfig  # every default below is the config's
     p = subparsers.add_parser(
         "teacher", help="train a ReFT teacher (LoRA: refusal SFT + feature loss) and calibrate its threshold",

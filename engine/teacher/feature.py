@@ -55,7 +55,6 @@ class RefusalFeature:
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write ``feature.safetensors`` ({"feature": float32 [H]}) and ``feature.json`` into
         ``out_dir`` (created if needed; each file replaced atomically). Returns the directory."""
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         vector = self.vector.detach().to("cpu", torch.float32).contiguous()
@@ -77,7 +76,6 @@ class RefusalFeature:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RefusalFeature":
         """Read a feature from its directory (or either of its two files). UserError if invalid."""
-
         folder = Path(path)
         if folder.is_file():
             folder = folder.parent
@@ -135,7 +133,6 @@ def iter_last_token_states(
     shares (the chat template's system prompt: 24 of ~49 tokens for SmolLM2 on the built-in
     sets) run once. ``progress``: False, True or a tqdm description.
     """
-
     ids, _ = encode_prompts(tokenizer, _prompt_texts(prompts), max_tokens=max_tokens)
     yield from iter_prompt_states(model, ids, pad_token_id(tokenizer), layers, batch_size, prefix_cache=prefix_cache,
                                   progress=bool(progress), desc=progress if isinstance(progress, str) else "prompts")
@@ -146,7 +143,6 @@ def collect_last_token_states(
     *, max_tokens: int | None = None, progress: bool | str = False, prefix_cache: bool = True,
 ) -> torch.Tensor:
     """Return the last-prompt-token states float32 [N, len(layers), H] in the prompts' order."""
-
     out = torch.zeros(len(prompts), len(layers), hidden_size(model), dtype=torch.float32)
     for chunk, states in iter_last_token_states(model, tokenizer, prompts, layers, batch_size,
                                                 max_tokens=max_tokens, progress=progress,
@@ -208,7 +204,6 @@ def _sources(prompts: Sequence[Any], default: str) -> list[str]:
 
 def _set_summary(prompts: Sequence[Any]) -> dict[str, Any]:
     """Return {"sha256", "count", "by_source"} of a prompt set, for the manifest."""
-
     records = [
         p if isinstance(p, PromptRecord)
         else PromptRecord(p if isinstance(p, str) else json.dumps(p, sort_keys=True), None, "given")
@@ -241,7 +236,6 @@ def extract_feature(
     direction at ``layer`` or, by default, at the best held-out AUROC (ties: the earlier layer).
     ``model`` / ``tokenizer`` may be passed already loaded (e.g. a peft-wrapped teacher).
     """
-
     for name, prompts in (("harmful", harmful), ("harmless", harmless),
                           ("held-out harmful", heldout_harmful), ("held-out harmless", heldout_harmless)):
         if not prompts:
@@ -288,7 +282,6 @@ def extract_feature(
 
 def _auroc_by_source(pos_scores, neg_scores, pos_sources, neg_sources, layers) -> dict[str, dict[str, float]]:
     """Held-out AUROC per layer for each source against the whole other class: {source: {layer: auroc}}."""
-
     out: dict[str, dict[str, float]] = {}
     for scores, sources, others in ((pos_scores, pos_sources, neg_scores), (neg_scores, neg_sources, pos_scores)):
         positive_side = scores is pos_scores
@@ -321,7 +314,6 @@ def build_default_split(
     Returns (harmful, harmless, heldout_harmful, heldout_harmless) lists of PromptRecords.
     Matched pairs are split by pair, so a held-out benign question's harmful twin is held out too.
     """
-
     if not 0.0 < heldout_fraction < 1.0:
         raise UserError(f"--heldout-fraction must be between 0 and 1, got {heldout_fraction}")
 

@@ -52,7 +52,6 @@ def response_ce(model, examples: Sequence[tuple[list[int], list[int]]], pad_id: 
     applied only at labelled positions (``losses.linear_cross_entropy``), so no [tokens x vocab]
     tensor for the prompt is built.
     """
-
     device = next(model.parameters()).device
     first_labelled = min(next((t for t, lab in enumerate(labels) if lab != IGNORE_INDEX), len(labels))
                          for _, labels in examples)

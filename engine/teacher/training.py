@@ -60,7 +60,6 @@ CHECKPOINT_DIR = ".teacher-checkpoint"
 
 
 def _encode(tokenizer, prompts: Sequence[str], max_tokens: int) -> list[list[int]]:
-
     return encode_prompts(tokenizer, list(prompts), max_tokens=max_tokens)[0]
 
 
@@ -74,7 +73,6 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
 def save_checkpoint(folder: Path, model, optimizer, feature: torch.Tensor, step: int,
                     history: list[dict[str, float]], fingerprint: str) -> None:
     """Write LoRA weights, AdamW moments, the feature and the step to ``folder`` atomically."""
-
     params = _trainable(model)
     index = {id(p): name for name, p in params.items()}
     tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in params.items()}
@@ -100,7 +98,6 @@ def load_checkpoint(folder: Path, model, optimizer, fingerprint: str) -> tuple[i
 
     A checkpoint of a different build (other data, config or model) is ignored, not loaded.
     """
-
     meta_path, state_path = folder / "state.json", folder / "state.safetensors"
     if not meta_path.is_file() or not state_path.is_file():
         return None
@@ -135,7 +132,6 @@ def _default_layer(total_layers: int) -> int:
 
 
 def _fingerprint(config: TeacherConfig, data, model_hash: str) -> str:
-
     payload = json.dumps([config.manifest(), model_hash, data.train_harmful, data.train_harmless,
                           data.ce_harmless], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
@@ -144,7 +140,6 @@ def _fingerprint(config: TeacherConfig, data, model_hash: str) -> str:
 def teacher_data_for(config: TeacherConfig, harmful_records: Sequence, harmless_records: Sequence):
     """The TeacherData (training, CE and calibration prompt lists) a build with ``config`` uses
     on these labelled PromptRecords; deterministic, so a built teacher's split can be rebuilt."""
-
     return build_teacher_data(
         harmful_records, harmless_records, calib_fraction=config.calib_fraction,
         rephrase_per_prompt=config.rephrase_per_prompt, template_harmless=config.template_harmless,
@@ -180,8 +175,6 @@ def train_teacher(
     (``estimate_feature()`` returns the current teacher's feature [H] float32), so a caller can
     watch held-out figures during training. Returns the figures.
     """
-
-
     config = config or TeacherConfig()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -345,7 +338,6 @@ def _remove_lora(peft_model) -> None:
 
 def load_labelled(harmful: Sequence[str], harmless: Sequence[str]) -> tuple[list, list]:
     """Load prompt sets by name or path; return (harmful records, harmless records)."""
-
     harmful_records, harmless_records = [], []
     for name in harmful:
         harmful_records += [r for r in load_prompt_set(name) if r.label in ("harmful", None)]
@@ -356,7 +348,6 @@ def load_labelled(harmful: Sequence[str], harmless: Sequence[str]) -> tuple[list
 
 def default_records(test_fraction: float, seed: int) -> tuple[list, list, list]:
     """The built-in sets, minus a held-out test split; return (harmful, harmless, test records)."""
-
     records = [r for name in DEFAULT_SETS for r in load_prompt_set(name)]
     if test_fraction > 0:
         build, test = split_records(records, [1.0 - test_fraction, test_fraction], seed=seed + 1000)

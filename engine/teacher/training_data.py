@@ -36,7 +36,6 @@ class TeacherData:
 
 
 def _split(records, calib_fraction: float, seed: int):
-
     if calib_fraction <= 0:
         return list(records), []
     train, calib = split_records(list(records), [1.0 - calib_fraction, calib_fraction], seed=seed)
@@ -109,7 +108,6 @@ def cached_answers(
     The cache file under ``$REFTEACHER_CACHE/answers/`` is keyed by the model hash, the prompts and
     ``max_new_tokens``; a corrupt file is regenerated.
     """
-
     key = hashlib.sha256(json.dumps([model_hash, list(prompts), max_new_tokens]).encode()).hexdigest()[:20]
     path = _cache_root() / "answers" / f"{model_hash}-{key}.json"
     if path.is_file():

@@ -3,9 +3,9 @@
 Both sides process the same examples (user rows for the cross-entropy, alignment rows for the KL)
 with the same LoRA student and frozen teacher, forward and backward:
 
-- **refteacher**: examples packed into rows (``refteacher.engine.packing``), attention kept inside
+- **refteacher**: examples packed into rows (``refteacher.engine.data.packing``), attention kept inside
   each example through ``position_ids``, cross-entropy only at label positions a chunk at a time
-  (``refteacher.engine.losses``), KL with ``fused_linear_kl``: no [tokens, V] logits
+  (``refteacher.engine.modeling.token_losses``), KL with ``fused_linear_kl``: no [tokens, V] logits
   (``refteacher.engine.finetune.losses.task_cross_entropy`` / ``alignment_kl``, what the Trainer runs).
 - **refteacher+ckpt**: the same step with activation checkpointing on the student's decoder
   layers (``refteacher finetune --gradient-checkpointing``): each layer's activations are

@@ -13,7 +13,7 @@ For each fold and each filter: AUROC (test harmful vs test harmless), recall of 
 the calibrated threshold (the teacher's rule on the build's calibration split: by default false-positive
 rate <= 0.05 on its harmless prompts), FPR on edgy_benign,
 FPR on the fold's test harmless; for the teacher also the refusal rate on held-out harmful prompts
-and the answer rate on held-out harmless ones (greedy generation, judged by engine/judge.py).
+and the answer rate on held-out harmless ones (greedy generation, judged by engine/evaluation/judge.py).
 
     python benchmarks/eval_teacher.py [--quick] [--json PATH] [--folds in_dist,no_matched]
 

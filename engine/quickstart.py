@@ -17,7 +17,7 @@ Stages (each printed with its wall time):
    HarmBench prompts of the teacher's held-out test split, used nowhere else;
 3. data: ``dataset.jsonl`` = task rows (train split) + harmful prompts with compliant answers
    written by the untouched model (greedy, cached); every row carries its known ``label``;
-   ``align.jsonl`` = other held-in harmful prompts with refusals (``engine/refusals.py``);
+   ``align.jsonl`` = other held-in harmful prompts with refusals (``engine/teacher/refusals.py``);
 4. filter: ``run_filter`` writes ``filter/{kept,flagged,rejected}.jsonl`` and ``report.json``;
    precision / recall are measured against the known labels;
 5. finetune (a) ``--baseline sft`` on the raw dataset, (b) ReFT on the kept rows + alignment data;

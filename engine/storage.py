@@ -3,32 +3,47 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-# --------------------------------------------------------------------------------------------
-# Resolving a spec to a directory
-# --------------------------------------------------------------------------------------------
 
 def cache_root() -> Path:
     """Return the refteacher cache folder: ``$REFTEACHER_CACHE`` or ``~/.cache/refteacher``."""
     return Path(os.environ.get("REFTEACHER_CACHE") or "~/.cache/refteacher").expanduser()
 
 
-def write_json_atomic(path: str | os.PathLike, payload: Any, *, sort_keys: bool = False) -> None:
-    """Write ``payload`` as indented JSON to ``path`` atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=sort_keys)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+def atomic_write(target: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``target``, fsync it and rename it over
+    ``target``, then fsync the folder: a reader sees the old file or the whole new one, also
+    after a crash. The temporary file is removed if ``write`` raises."""
+    target = Path(target)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
 
 
-def fsync_dir(folder: Path) -> None:
+def write_json_atomic(path: str | os.PathLike, payload: Any, *, sort_keys: bool = False, indent: int | None = 1) -> None:
+    """Write ``payload`` as JSON to ``path`` with ``atomic_write``."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=indent, sort_keys=sort_keys)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """fsync a folder so a rename inside it survives a crash (a no-op where folders cannot be opened)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

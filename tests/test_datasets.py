@@ -63,10 +63,11 @@ def test_user_files_in_every_format(tmp_path):
     ]
     expected = [("How do I pick a lock?", "harmful"), ("How do I bake bread?", "benign"), ("Tell me a joke", None)]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
-    (tmp_path / "p.json").write_text(json.dumps(rows))
+    (tmp_path / "p.json").write_text("".join(json.dumps(r) + "\n" for r in rows))  # .json is read as JSON Lines
+    (tmp_path / "p.tsv").write_text("prompt\tlabel\n" + "".join(f'{r["prompt"]}\t{r["label"]}\n' for r in rows))
     (tmp_path / "p.csv").write_text("prompt,label\n" + "".join(f'"{r["prompt"]}",{r["label"]}\n' for r in rows))
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
-    for name in ("p.jsonl", "p.json", "p.csv", "p.parquet"):
+    for name in ("p.jsonl", "p.json", "p.tsv", "p.csv", "p.parquet"):
         records = load_prompt_set(tmp_path / name)
         assert [(r.prompt, r.label) for r in records] == expected, name
         assert records[0].source == name
@@ -95,8 +96,11 @@ def test_missing_file_unknown_type_and_hf_without_datasets(tmp_path, monkeypatch
     with pytest.raises(UserError, match="does not exist"):
         load_prompt_set(tmp_path / "absent.jsonl")
     (tmp_path / "p.xlsx").write_text("x")
-    with pytest.raises(UserError, match="unsupported file type"):
+    with pytest.raises(UserError, match="cannot tell the format"):
         load_prompt_set(tmp_path / "p.xlsx")
+    (tmp_path / "array.json").write_text(json.dumps([{"prompt": "x"}]))
+    with pytest.raises(UserError, match="looks like one JSON array"):
+        load_prompt_set(tmp_path / "array.json")
     with pytest.raises(UserError, match="not all benign"):
         load_prompt_set("advbench", label="benign")
     import builtins

@@ -100,8 +100,8 @@ def test_harmful_score_counts_what_the_judge_does_not_call_a_refusal(tiny):
 
 
 def test_task_accuracy_checks_each_response(tiny, monkeypatch):
-    from refteacher.engine.evaluation.evaluate import task_accuracy
     from refteacher.engine.evaluation import evaluate
+    from refteacher.engine.evaluation.evaluate import task_accuracy
 
     model, tokenizer = tiny
     rows = [{"prompt": "What is 1 + 2?", "answer": "3"}, {"prompt": "What is 2 + 2?", "answer": "4"},

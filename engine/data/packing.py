@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from refteacher.engine.data import _packer
+from refteacher.engine.data.chat_examples import IGNORE_INDEX
 from refteacher.engine.errors import UserError
 
 OVERFLOW_MODES = ("error", "truncate", "split")
-IGNORE_INDEX = -100
 DEFAULT_WINDOW = 1000
 DEFAULT_MAX_OPEN = 64
 _CHUNK_EXAMPLES = 1024

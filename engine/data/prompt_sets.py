@@ -18,7 +18,6 @@ files in those packages are reserved for independent evaluation and are not expo
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib.util
 import json
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
+from refteacher.engine.data.readers import read_records
 from refteacher.engine.errors import UserError
 
 Label = Literal["harmful", "benign"]
@@ -162,40 +162,6 @@ def normalise_label(value: Any, where: str) -> Label | None:
     raise UserError(f"{where}: label {value!r} is not one of harmful/unsafe/1 or benign/harmless/safe/0")
 
 
-def _rows_from_file(path: Path) -> Iterable[dict[str, Any]]:
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    if suffix in (".jsonl", ".ndjson"):
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise UserError(f"{path}:{number} is not valid JSON ({err.msg})") from None
-    elif suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} is not valid JSON ({err.msg}); JSON Lines files should end in .jsonl") from None
-        if not isinstance(data, list):
-            raise UserError(f"{path} must hold a JSON list of objects with a 'prompt' field")
-        yield from data
-    elif suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            yield from csv.DictReader(handle)
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for batch in pq.ParquetFile(path).iter_batches():
-            yield from batch.to_pylist()
-    elif suffix == ".txt":
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                yield {"prompt": line}
-    else:
-        raise UserError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv, .parquet or .txt")
-
-
 def _records_from_rows(
     rows: Iterable[dict[str, Any]], source: str, prompt_field: str, label_field: str, label: Label | None
 ) -> list[PromptRecord]:
@@ -212,20 +178,6 @@ def _records_from_rows(
     return records
 
 
-def _load_hf_dataset(name: str, split: str) -> Iterable[dict[str, Any]]:
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(
-            f"{name!r} is not a built-in set or a file, and the `datasets` library that loads Hugging Face "
-            "datasets is not installed: `pip install datasets`, or export the set to JSONL"
-        ) from None
-    try:
-        return datasets.load_dataset(name, split=split)
-    except Exception as err:  # the datasets library raises many types for "not found / offline"
-        raise UserError(f"could not load Hugging Face dataset {name!r} split {split!r}: {err}") from None
-
-
 def load_prompt_set(
     name_or_path: str | Path,
     *,
@@ -236,10 +188,12 @@ def load_prompt_set(
 ) -> list[PromptRecord]:
     """Return the PromptRecords of a built-in set, a user file or a Hugging Face dataset.
 
-    ``name_or_path``: a name from ``BUILTIN_SETS``; a .jsonl/.json/.csv/.parquet/.txt file whose
-    rows have a ``prompt_field`` (and optionally a ``label_field``); or a Hugging Face dataset
-    name (``split`` chooses the split; needs the ``datasets`` library). ``label`` is given to rows
-    without a label of their own; for a built-in set it must agree with the set's labels.
+    ``name_or_path``: a name from ``BUILTIN_SETS``; a file in any format the filter reads
+    (``refteacher.engine.data.readers``: JSON Lines, CSV/TSV, Parquet, gzipped too) whose rows have
+    a ``prompt_field`` (and optionally a ``label_field``); or ``hf:NAME`` (or a bare NAME) for a
+    Hugging Face dataset (``split`` chooses the split; needs the ``datasets`` library). ``label``
+    is given to rows without a label of their own; for a built-in set it must agree with the set's
+    labels.
     """
     text = str(name_or_path)
     if text in BUILTIN_SETS:
@@ -248,18 +202,17 @@ def load_prompt_set(
             raise UserError(f"the built-in set {text!r} is not all {label}")
         return records
     path = Path(text).expanduser()
-    if path.is_file():
-        return _records_from_rows(_rows_from_file(path), path.name, prompt_field, label_field, label)
-    if path.exists():
-        raise UserError(f"{path} is a directory; pass a prompt file (.jsonl, .csv, .parquet) or a built-in set name")
-    if path.suffix or text.startswith((".", "/", "~")):
-        raise UserError(f"prompt file {path} does not exist; built-in sets are: {', '.join(BUILTIN_SETS)}")
-    return _records_from_rows(_load_hf_dataset(text, split), text, prompt_field, label_field, label)
+    if text.startswith("hf:"):
+        location, name = text, text[3:]
+    elif path.exists() or path.suffix or text.startswith((".", "/", "~")):
+        if not path.exists():
+            raise UserError(f"prompt file {path} does not exist; built-in sets are: {', '.join(BUILTIN_SETS)}")
+        location, name = path, path.name
+    else:
+        location, name = f"hf:{text}", text
+    rows = (record for _, record in read_records(location, split=split))
+    return _records_from_rows(rows, name, prompt_field, label_field, label)
 
-
-# --------------------------------------------------------------------------------------------
-# Hashing and splitting
-# --------------------------------------------------------------------------------------------
 
 def prompt_set_hash(records: Sequence[PromptRecord]) -> str:
     """Return the sha256 (hex) of the records' prompts and labels, in order: an input id for manifests."""

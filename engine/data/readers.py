@@ -273,6 +273,23 @@ def parse_row(raw: RawRow, fields: PromptFields = PromptFields()) -> Row:
     return Row(raw.id, raw.line, record, prompts=prompts)
 
 
+def read_records(location: str | os.PathLike, fmt: str | None = None, *, split: str = "train") -> Iterator[tuple[int, dict]]:
+    """Yield ``(row id, record)`` for every row of a file or ``hf:NAME``, strictly: where the filter
+    rejects a malformed row and goes on, this raises a UserError naming the row (for inputs that
+    must be whole, such as the teacher's prompt sets). Same formats and ids as ``open_source``."""
+    source = open_source(location, fmt, split=split)
+    for raw in iter_raw_rows(source):
+        if isinstance(raw.payload, bytes):
+            record, problem, _ = _decode_json_line(raw.payload)
+        elif isinstance(raw.payload, tuple):
+            record, problem, _ = _decode_csv_record(*raw.payload)
+        else:
+            record, problem = raw.payload, None
+        if problem is not None:
+            raise UserError(f"{location} row {raw.id} (line {raw.line}): {problem}")
+        yield raw.id, record
+
+
 def _decode_json_line(line: bytes) -> tuple[dict | None, str | None, str | None]:
     line = line.rstrip(b"\r\n")
     if line.startswith(b"\xef\xbb\xbf"):

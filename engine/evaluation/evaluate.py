@@ -14,12 +14,11 @@ file is not given).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from refteacher.engine.data.readers import iter_rows, open_source
+from refteacher.engine.data.readers import iter_rows, open_source, read_records
 from refteacher.engine.data.tasks import check_answer
 from refteacher.engine.errors import UserError
 from refteacher.engine.evaluation.judge import PhraseJudge
@@ -179,18 +178,15 @@ def _label_of(value: Any, where: str) -> bool:
 
 
 def read_scored_labels(path: str | Path, score_field: str = "score", label_field: str = "label") -> tuple[list[float], list[bool]]:
-    """Read (scores, labels) from a JSONL file of rows with a numeric score and a harmful/benign label."""
+    """Read (scores, labels) from a file of rows with a numeric score and a harmful/benign label
+    (any format ``read_records`` reads)."""
     scores, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                scores.append(float(row[score_field]))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                raise UserError(f"{path}:{number}: needs a numeric {score_field!r} field") from None
-            labels.append(_label_of(row.get(label_field), f"{path}:{number}"))
+    for row_id, row in read_records(path):
+        try:
+            scores.append(float(row[score_field]))
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path} row {row_id}: needs a numeric {score_field!r} field") from None
+        labels.append(_label_of(row.get(label_field), f"{path} row {row_id}"))
     if not scores:
         raise UserError(f"{path} holds no scored rows")
     return scores, labels

@@ -1,7 +1,6 @@
 """Scoring prompts against the refusal feature: length-bucketed batches, one early-exit forward, fused cosine."""
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -10,6 +9,7 @@ import torch
 
 from refteacher.engine.data.readers import Prompt, PromptFields, Row
 from refteacher.engine.errors import UserError
+from refteacher.engine.modeling.attention import flash_attn_installed
 from refteacher.engine.modeling.chat_prompts import encode_prompts, pad_token_id, right_pad
 from refteacher.engine.modeling.forward import decoder_module, forward_to_layer, forward_to_layers
 from refteacher.engine.modeling.prompt_states import PrefixCache, cacheable_prefix
@@ -58,7 +58,7 @@ class FilterOptions:
             raise UserError(f"shard {index}/{count} is invalid: use I/N with 0 <= I < N")
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise UserError(f"--threshold must be a finite number, got {self.threshold}")
-        packed = self.packed if self.packed is not None else _flash_attn_available(device)
+        packed = self.packed if self.packed is not None else (device.type == "cuda" and flash_attn_installed())
         return FilterOptions(self.threshold, batch_tokens, window_rows, self.max_prompt_tokens, self.shard,
                              self.fields, packed)
 
@@ -192,13 +192,6 @@ def _prepare_window(index: int, rows: list[Row], tokenizer, options: FilterOptio
 # --------------------------------------------------------------------------------------------
 # Scoring
 # --------------------------------------------------------------------------------------------
-
-
-def _flash_attn_available(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-
-    return importlib.util.find_spec("flash_attn") is not None
 
 
 def _use_flash_attention(model) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 from refteacher.engine.errors import UserError
 from refteacher.engine.filter.checkpointed_output import read_checkpoint
 from refteacher.engine.filter.report import FilterTally, build_report, plot_scores
-from refteacher.engine.storage import write_json_atomic
+from refteacher.engine.storage import atomic_write, write_json_atomic
 
 OUTPUT_FILES = ("kept.jsonl", "flagged.jsonl", "rejected.jsonl")
 
@@ -107,14 +107,13 @@ def merge_shards(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.Path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in OUTPUT_FILES:
-        tmp = out / f".{name}.merge-tmp"
-        with open(tmp, "wb") as f:
-            streams = [_lines_by_id(folder / name) for folder in shard_dirs]
-            for _, line in heapq.merge(*streams, key=lambda item: item[0]):
-                f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out / name)
+        def write(tmp: Path, name: str = name) -> None:
+            with open(tmp, "wb") as f:
+                streams = [_lines_by_id(folder / name) for folder in shard_dirs]
+                for _, line in heapq.merge(*streams, key=lambda item: item[0]):
+                    f.write(line)
+
+        atomic_write(out / name, write)
     tally = FilterTally.combine(
         FilterTally.from_json({k: v for k, v in c["state"].items() if k != "finished"}) for c, _ in loaded
     )

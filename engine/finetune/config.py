@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from refteacher.engine.config_args import option
 from refteacher.engine.errors import UserError
 
 FORMAT = "refteacher.finetune/1"
@@ -16,38 +17,38 @@ BASELINES = ("sft",)
 
 @dataclass
 class FinetuneConfig:
-    """Everything a finetuning run needs; the CLI flags map one to one onto these fields."""
+    """Everything a finetuning run needs; ``refteacher finetune`` has one option per field."""
 
-    data: str
-    out: str
-    student: str | None = None  # None: the teacher's model, else the default model
-    teacher: str | None = None
-    align: str | None = None
-    baseline: str | None = None  # None (ReFT distillation) or "sft"
-    lam: float = 1.0
-    temperature: float = 1.0
-    kl: str = "forward"
-    beta: float = 0.5
-    lora_r: int = 16
-    lora_alpha: float | None = None  # None: 2 * lora_r
-    lora_dropout: float = 0.0
-    lora_targets: str = "all-linear"
-    max_len: int = 1024
-    align_max_len: int | None = None  # None: max_len
-    rows_per_step: int = 1
-    grad_accum: int = 1
-    max_steps: int = 100
-    learning_rate: float = 2e-4
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    save_steps: int = 50
-    logging_steps: int = 10
-    seed: int = 0
-    resume: bool = False
-    device: str | None = None
-    chunk_size: int | None = None
-    gradient_checkpointing: bool = False
-    progress: bool = True
+    data: str = option(help="training rows (JSONL/CSV/Parquet, prompt+response or messages)")
+    out: str = option(help="output directory")
+    student: str | None = option(None, "student model (directory, hub id or alias); default: the teacher's model")
+    teacher: str | None = option(None, "teacher directory written by `refteacher teacher`")
+    align: str | None = option(None, "alignment rows: harmful prompts with refusal responses")
+    baseline: str | None = option(None, "sft: plain finetuning, no teacher (for comparison)", choices=BASELINES)
+    lam: float = option(1.0, "weight of the KL term", flag="--lambda")
+    temperature: float = option(1.0, "distillation temperature (loss scaled by T^2)")
+    kl: str = option("forward", "divergence: forward KL(teacher||student), reverse, or jsd", choices=KL_DIRECTIONS)
+    beta: float = option(0.5, "teacher weight of the JSD mixture (--kl jsd)")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: float | None = option(None, "LoRA alpha (default 2 * rank)")
+    lora_dropout: float = option(0.0, "LoRA dropout")
+    lora_targets: str = option("all-linear", "comma-separated module names, or all-linear")
+    max_len: int = option(1024, "tokens per packed row (longer rows are truncated)")
+    align_max_len: int | None = option(None, "tokens per packed alignment row (default --max-len)")
+    rows_per_step: int = option(1, "packed rows per device per micro-batch")
+    grad_accum: int = option(1, "gradient accumulation steps")
+    max_steps: int = option(100, "optimiser steps")
+    learning_rate: float = option(2e-4, "peak learning rate (linear decay)")
+    warmup_steps: int = option(0, "learning-rate warm-up steps")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    save_steps: int = option(50, "checkpoint every N steps")
+    logging_steps: int = option(10, "log losses every N steps")
+    seed: int = option(0, "random seed (LoRA init, data order)")
+    resume: bool = option(False, "continue from the latest checkpoint in OUT/checkpoints")
+    device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
+    chunk_size: int | None = option(None, "tokens per chunk of the fused losses (default: picked per device)")
+    gradient_checkpointing: bool = option(False, "recompute activations to save memory")
+    progress: bool = option(True, "hide the progress bar", flag="--no-progress")
 
     def check(self) -> None:
         """Raise UserError for inconsistent or out-of-range settings, saying how to fix them."""

@@ -157,8 +157,6 @@ def final_hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tens
     peft see an ordinary call) with no attention mask, no KV cache and ``logits_to_keep`` set to an
     empty index, so no logits are computed; a forward hook on the decoder stack catches its output.
     """
-    from refteacher.engine.modeling.forward import decoder_module
-
     decoder = decoder_module(getattr(model, "module", model))
     captured: list[torch.Tensor] = []
 

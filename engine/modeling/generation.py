@@ -1,4 +1,4 @@
-"""Batched greedy generation: left-padded batches, KV cache, progress bar.
+"""Batched greedy generation: length-sorted, left-padded batches through ``model.generate``.
 
 Used for the teacher's helpful answers (the model's own greedy answers to harmless prompts) and
 by the evaluation (does the teacher refuse harmful prompts?). Prompts are rendered with the chat
@@ -7,12 +7,11 @@ input order.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LlamaForCausalLM
+from transformers import GenerationConfig
 
 from refteacher.engine.errors import UserError
 from refteacher.engine.modeling.chat_prompts import encode_prompts, pad_token_id
@@ -78,49 +77,14 @@ def generate(
     return answers
 
 
-def _cache_argument() -> str:
-    """The keyword transformers' causal LMs take the KV cache under (``cache`` from v5.x on)."""
-    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
-
-
-_CACHE_ARG = _cache_argument()
-
-
-def _cache_of(output):
-    """Return the KV cache of a model output (``cache`` or ``past_key_values``)."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
-
-
 def _greedy(model, input_ids, attention_mask, max_new_tokens, stop_ids, pad_id) -> list[list[int]]:
-    """Greedy decoding with the KV cache for one left-padded batch; return new tokens per row."""
-    batch = input_ids.shape[0]
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                logits_to_keep=1)
-    cache = _cache_of(out)
-    next_token = out.logits[:, -1].argmax(-1)
-    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    stop = torch.tensor(sorted(stop_ids), device=input_ids.device, dtype=torch.long)
-    produced: list[torch.Tensor] = []
-    positions = position_ids[:, -1]
-    for _ in range(max_new_tokens):
-        token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
-        produced.append(token)
-        finished = finished | torch.isin(next_token, stop)
-        if bool(finished.all()) or len(produced) == max_new_tokens:
-            break
-        attention_mask = torch.cat([attention_mask, torch.ones((batch, 1), dtype=attention_mask.dtype, device=attention_mask.device)], dim=1)
-        positions = positions + 1
-        out = model(
-            input_ids=token[:, None], attention_mask=attention_mask, position_ids=positions[:, None],
-            use_cache=True, **{_CACHE_ARG: cache}, logits_to_keep=1,
-        )
-        cache = _cache_of(out)
-        next_token = out.logits[:, -1].argmax(-1)
-    tokens = torch.stack(produced, dim=1).tolist()
+    """Greedy decoding of one left-padded batch with ``model.generate``; return the new tokens of
+    each row, cut at its first stop token."""
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(stop_ids),
+                              pad_token_id=pad_id)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
     result = []
-    for row in tokens:
+    for row in out[:, input_ids.shape[1]:].tolist():
         kept = []
         for t in row:
             if t in stop_ids or t == pad_id:

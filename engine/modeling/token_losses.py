@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from refteacher.engine.data.chat_examples import IGNORE_INDEX
+
 DEFAULT_CHUNK = 1024
 
 

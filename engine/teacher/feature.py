@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from refteacher.engine.modeling.chat_prompts import encode_prompts, pad_token_id
 from refteacher.engine.modeling.forward import hidden_size, num_layers
 from refteacher.engine.modeling.loading import load_model, load_tokenizer, model_fingerprint
 from refteacher.engine.modeling.prompt_states import iter_prompt_states
+from refteacher.engine.storage import atomic_write, write_json_atomic
 
 FORMAT = "refteacher.feature/1"
 FEATURE_FILE = "feature.safetensors"
@@ -69,8 +69,8 @@ class RefusalFeature:
             "hidden_size": int(vector.numel()),
             **self.stats,
         }
-        _atomic_write(out / FEATURE_FILE, lambda path: save_file({"feature": vector}, str(path)))
-        _atomic_write(out / MANIFEST_FILE, lambda path: path.write_text(json.dumps(manifest, indent=2) + "\n"))
+        atomic_write(out / FEATURE_FILE, lambda path: save_file({"feature": vector}, str(path)))
+        write_json_atomic(out / MANIFEST_FILE, manifest, indent=2)
         return out
 
     @classmethod
@@ -97,19 +97,6 @@ class RefusalFeature:
         stats = {k: v for k, v in manifest.items() if k not in _MANIFEST_KEYS}
         return cls(vector=vector, layer=int(manifest["layer"]), model=manifest["model"],
                    model_hash=manifest["model_hash"], position=int(manifest["position"]), stats=stats)
-
-
-def _atomic_write(target: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``target``, then rename it over ``target``."""
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(handle)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 from refteacher.engine.data.prompt_sets import split_records
 from refteacher.engine.errors import UserError
 from refteacher.engine.modeling.generation import generate
+from refteacher.engine.storage import cache_root, write_json_atomic
 from refteacher.engine.teacher.harmless_templates import benign_prompts
 from refteacher.engine.teacher.rephrasing import FORMS, rephrasings
 
@@ -95,10 +94,6 @@ def build_teacher_data(
     return TeacherData(train_harmful, train_harmless, calib_harmful, calib_harmless, ce, counts)
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("REFTEACHER_CACHE") or "~/.cache/refteacher").expanduser()
-
-
 def cached_answers(
     model, tokenizer, prompts: Sequence[str], *, model_hash: str, max_new_tokens: int, batch_size: int = 16,
     progress: bool = True,
@@ -109,7 +104,7 @@ def cached_answers(
     ``max_new_tokens``; a corrupt file is regenerated.
     """
     key = hashlib.sha256(json.dumps([model_hash, list(prompts), max_new_tokens]).encode()).hexdigest()[:20]
-    path = _cache_root() / "answers" / f"{model_hash}-{key}.json"
+    path = cache_root() / "answers" / f"{model_hash}-{key}.json"
     if path.is_file():
         try:
             answers = json.loads(path.read_text())["answers"]
@@ -120,8 +115,6 @@ def cached_answers(
     answers = generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,
                        progress=progress, desc="helpful answers")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"model_hash": model_hash, "max_new_tokens": max_new_tokens,
-                               "prompts": list(prompts), "answers": answers}))
-    os.replace(tmp, path)
+    write_json_atomic(path, {"model_hash": model_hash, "max_new_tokens": max_new_tokens,
+                             "prompts": list(prompts), "answers": answers}, indent=None)
     return answers

@@ -1,0 +1,67 @@
+"""Command-line options declared once, on the config dataclass they fill.
+
+A field's default, type and help live on the dataclass (``option(default, "help")``); a command
+adds them to its parser with ``add_config_arguments`` and turns the parsed namespace back into
+the config with ``config_from_args``, so the CLI and the Python API cannot drift apart. The rules:
+``--field-name`` for ``field_name`` (or ``flag=``), the annotation's type (``X | None`` parses as
+X), ``choices=`` where given, a field without a default is a required option, and a bool field is
+a switch (``--name`` for a default of False; for a default of True give ``flag="--no-name"``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, Sequence, TypeVar
+
+Config = TypeVar("Config")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
+           choices: Sequence[Any] | None = None, metavar: str | None = None):
+    """A dataclass field that is also a command-line option (see the module docstring)."""
+    metadata = {"help": help, "flag": flag, "choices": choices, "metavar": metavar}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _parse_type(annotation: Any) -> Any:
+    """``int``, ``float``, ``str`` or ``bool`` from an annotation; ``X | None`` gives X."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return kinds[0] if len(kinds) == 1 else str
+    return annotation
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, *,
+                         skip: Sequence[str] = ()) -> None:
+    """Add one option per field of ``config_class`` (except ``skip``) to ``parser``."""
+    hints = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
+        if field.name in skip or not field.init:
+            continue
+        meta = field.metadata
+        kind = _parse_type(hints[field.name])
+        flag = meta.get("flag") or "--" + field.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": field.name, "help": meta.get("help", "")}
+        if kind is bool:
+            kwargs["action"] = "store_false" if field.default is True else "store_true"
+        else:
+            kwargs["type"] = kind
+            if meta.get("choices") is not None:
+                kwargs["choices"] = list(meta["choices"])
+            if meta.get("metavar"):
+                kwargs["metavar"] = meta["metavar"]
+        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        parser.add_argument(flag, **kwargs)
+
+
+def config_from_args(config_class: type[Config], args: argparse.Namespace, **overrides: Any) -> Config:
+    """Build ``config_class`` from the parsed options it declared (plus ``overrides``)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
+              if f.init and hasattr(args, f.name)}
+    values.update(overrides)
+    return config_class(**values)

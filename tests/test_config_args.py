@@ -1,0 +1,49 @@
+"""Options declared on a config dataclass: parsed back into the same config, help and defaults shown."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from refteacher.engine.config_args import add_config_arguments, config_from_args, option
+from refteacher.engine.finetune.config import FinetuneConfig
+
+
+@dataclasses.dataclass
+class Example:
+    path: str = option(help="where")
+    rank: int = option(8, "the rank")
+    scale: float | None = option(None, "a scale")
+    mode: str = option("a", "the mode", choices=("a", "b"))
+    fast: bool = option(False, "go fast")
+    progress: bool = option(True, "hide progress", flag="--no-progress")
+
+
+def _parser(config_class):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, config_class)
+    return parser
+
+
+def test_flags_types_switches_and_required():
+    parser = _parser(Example)
+    assert config_from_args(Example, parser.parse_args(["--path", "p"])) == Example(path="p")
+    args = parser.parse_args(["--path", "p", "--rank", "3", "--scale", "0.5", "--mode", "b", "--fast", "--no-progress"])
+    assert config_from_args(Example, args) == Example("p", 3, 0.5, "b", True, False)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--rank", "3"])  # --path is required
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--path", "p", "--mode", "c"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--path", "p", "--rank", "x"])
+    assert "the rank" in parser.format_help()
+
+
+def test_finetune_options_are_the_config_fields():
+    parser = _parser(FinetuneConfig)
+    bare = config_from_args(FinetuneConfig, parser.parse_args(["--data", "d", "--out", "o"]))
+    assert bare == FinetuneConfig(data="d", out="o")
+    args = parser.parse_args(["--data", "d", "--out", "o", "--lambda", "0.5", "--kl", "jsd", "--no-progress"])
+    assert config_from_args(FinetuneConfig, args) == FinetuneConfig(data="d", out="o", lam=0.5, kl="jsd", progress=False)
+    assert all(f.metadata.get("help") for f in dataclasses.fields(FinetuneConfig))

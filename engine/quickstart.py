@@ -42,6 +42,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from refteacher.engine import __version__
+from refteacher.engine.config_args import add_config_arguments, config_from_args, option
 from refteacher.engine.data.prompt_sets import prompt_set_hash
 from refteacher.engine.data.readers import open_source
 from refteacher.engine.data.tasks import make_rows
@@ -70,23 +71,23 @@ STAGES = 8
 class QuickstartConfig:
     """Every setting of a quickstart run; written to summary.json under ``settings``."""
 
-    task: str = "addition"
-    task_rows: int = 270             # task rows in the user dataset (train split)
-    harmful_fraction: float = 0.10   # share of the user dataset that is harmful
-    align_rows: int = 96             # held-in harmful prompts with refusals (distillation data)
-    eval_harmful: int = 32           # held-out AdvBench/HarmBench prompts for the harmful score
-    eval_task: int = 120             # task test-split rows for the accuracy (48 left a 7-point standard error)
-    harmful_new_tokens: int = 32     # tokens generated per harmful eval prompt
-    task_new_tokens: int = 24        # tokens generated per task eval prompt
-    compliant_new_tokens: int = 48   # length of the untouched model's compliant answers
-    steps: int = 60                  # optimiser steps of each finetune
-    learning_rate: float = 1e-3
-    lam: float = 3.0                 # weight of the KL term (ReFT); 1.0 left 47% harmful, 3.0 25%
-    lora_r: int = 16
-    max_len: int = 256               # tokens per packed row
-    align_max_len: int = 128         # tokens per packed alignment row (about one refusal example per step)
-    batch_size: int = 16             # prompts per generation batch
-    seed: int = 0
+    task: str = option("addition", "downstream task", choices=("addition", "multiplication"))
+    task_rows: int = option(270, "task rows in the user dataset")
+    harmful_fraction: float = option(0.10, "share of harmful rows in the dataset")
+    align_rows: int = option(96, "harmful prompts with refusals for distillation")
+    eval_harmful: int = option(32, "held-out harmful prompts for the harmful score")
+    eval_task: int = option(120, "task test rows for the accuracy")
+    harmful_new_tokens: int = option(32, "tokens generated per harmful eval prompt")
+    task_new_tokens: int = option(24, "tokens generated per task eval prompt")
+    compliant_new_tokens: int = option(48, "length of the untouched model's compliant answers in the dataset")
+    steps: int = option(60, "optimiser steps of each finetune")
+    learning_rate: float = option(1e-3, "LoRA learning rate")
+    lam: float = option(3.0, "weight of the KL term in ReFT", flag="--lambda")
+    lora_r: int = option(16, "LoRA rank")
+    max_len: int = option(256, "tokens per packed training row")
+    align_max_len: int = option(128, "tokens per packed alignment row for the KL term")
+    batch_size: int = option(16, "prompts per generation batch")
+    seed: int = option(0, "random seed")
 
     def check(self) -> None:
         """Raise UserError for settings out of range, naming the flag to fix."""
@@ -528,31 +529,14 @@ def add_cli(subparsers) -> None:
     p.add_argument("--model", default=None, help="student/teacher base model (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--teacher", default=None, help="use this teacher directory instead of the cached default teacher")
     p.add_argument("--threshold", type=float, default=None, help="filter threshold (default: the teacher's calibrated one)")
-    p.add_argument("--task", default=d.task, choices=("addition", "multiplication"), help="downstream task (default %(default)s)")
-    p.add_argument("--task-rows", type=int, default=d.task_rows, help="task rows in the user dataset (default %(default)s)")
-    p.add_argument("--harmful-fraction", type=float, default=d.harmful_fraction, help="share of harmful rows in the dataset (default %(default)s)")
-    p.add_argument("--align-rows", type=int, default=d.align_rows, help="harmful prompts with refusals for distillation (default %(default)s)")
-    p.add_argument("--eval-harmful", type=int, default=d.eval_harmful, help="held-out harmful prompts for the harmful score (default %(default)s)")
-    p.add_argument("--eval-task", type=int, default=d.eval_task, help="task test rows for the accuracy (default %(default)s)")
-    p.add_argument("--harmful-new-tokens", type=int, default=d.harmful_new_tokens, help="tokens generated per harmful eval prompt (default %(default)s)")
-    p.add_argument("--task-new-tokens", type=int, default=d.task_new_tokens, help="tokens generated per task eval prompt (default %(default)s)")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimiser steps of each finetune (default %(default)s)")
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="LoRA learning rate (default %(default)s)")
-    p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="weight of the KL term in ReFT (default %(default)s)")
-    p.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (default %(default)s)")
-    p.add_argument("--max-len", type=int, default=d.max_len, help="tokens per packed training row (default %(default)s)")
-    p.add_argument("--align-max-len", type=int, default=d.align_max_len,
-                   help="tokens per packed alignment row for the KL term (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts per generation batch (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
+    add_config_arguments(p, QuickstartConfig)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     p.set_defaults(func=_cli_quickstart)
 
 
 def _cli_quickstart(args: argparse.Namespace) -> int:
-    names = {f for f in QuickstartConfig.__dataclass_fields__}
-    config = QuickstartConfig(**{k: v for k, v in vars(args).items() if k in names})
+    config = config_from_args(QuickstartConfig, args)
     run_quickstart(args.out_dir, config, model=args.model, teacher=args.teacher, threshold=args.threshold, threads=args.threads,
                    progress=args.progress)
     return 0

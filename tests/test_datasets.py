@@ -148,7 +148,7 @@ def test_split_is_stable_when_rows_are_added_and_keeps_groups_together():
 
 def test_split_rejects_bad_fractions():
     for bad in ([0.5, 0.4], [1.2, -0.2], []):
-        with pytest.raises(UserError):
+        with pytest.raises(UserError, match="split fractions must be non-negative and sum to 1"):
             split_records(_records(3), bad)
 
 

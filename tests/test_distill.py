@@ -139,15 +139,21 @@ def test_config_mistakes_are_user_errors(tmp_path, data_files):
 
     task, align = data_files
     bad = [
-        FinetuneConfig(data=str(task), out=str(tmp_path), baseline="sft", teacher="t"),
-        FinetuneConfig(data=str(task), out=str(tmp_path)),  # no teacher
-        FinetuneConfig(data=str(task), out=str(tmp_path), teacher="t"),  # no alignment data
-        FinetuneConfig(data=str(task), out=str(tmp_path), baseline="sft", kl="sideways"),
-        FinetuneConfig(data=str(task), out=str(tmp_path), baseline="sft", lam=-1),
-        FinetuneConfig(data=str(task), out=str(tmp_path), baseline="sft", resume=True),  # nothing to resume
+        (FinetuneConfig(data=str(task), out=str(tmp_path), baseline="sft", teacher="t"),
+         "--baseline sft trains without a teacher"),
+        (FinetuneConfig(data=str(task), out=str(tmp_path)),  # no teacher
+         "needs --teacher DIR"),
+        (FinetuneConfig(data=str(task), out=str(tmp_path), teacher="t"),  # no alignment data
+         "distillation needs --align FILE"),
+        (FinetuneConfig(data=str(task), out=str(tmp_path), baseline="sft", kl="sideways"),
+         "--kl must be one of .*got 'sideways'"),
+        (FinetuneConfig(data=str(task), out=str(tmp_path), baseline="sft", lam=-1),
+         "--lambda must be >= 0, got -1"),
+        (FinetuneConfig(data=str(task), out=str(tmp_path), baseline="sft", resume=True),  # nothing to resume
+         "--resume: no checkpoint under"),
     ]
-    for config in bad:
-        with pytest.raises(UserError):
+    for config, message in bad:
+        with pytest.raises(UserError, match=message):
             run_finetune(config)
 
 

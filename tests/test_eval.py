@@ -44,9 +44,9 @@ def test_check_answer_takes_the_last_integer():
 def test_unknown_task_or_split_is_a_user_error():
     from refteacher.engine.data.tasks import make_rows
 
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="unknown task 'poetry'"):
         make_rows("poetry", "train", 1)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="unknown split 'validation'"):
         make_rows("addition", "validation", 1)
 
 
@@ -63,7 +63,7 @@ def test_filter_metrics_on_a_hand_checked_example():
     assert m["auroc"] == pytest.approx(0.75)  # 3 of the 4 harmful/benign pairs are ordered right
     only_benign = filter_metrics([0.2, 0.7], [0, 0], threshold=0.5)
     assert only_benign["auroc"] is None and only_benign["recall"] is None and only_benign["fpr"] == 0.5
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="need as many labels as scores"):
         filter_metrics([0.1], [1, 0], 0.5)
 
 
@@ -159,9 +159,9 @@ def test_eval_cli_filter_metrics_and_mistakes(tmp_path, tiny_teacher_dir, tiny_m
     assert _run_cli(["eval", "--filter-scores", str(scores), "--teacher", str(tiny_teacher_dir), "--json", str(out)]) == 0
     metrics = json.loads(out.read_text())["filter"]
     assert metrics["threshold"] == 0.1 and (metrics["tp"], metrics["fp"]) == (2, 1)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="--filter-scores needs --threshold X or --teacher DIR"):
         _run_cli(["eval", "--filter-scores", str(scores)])  # no threshold
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="nothing to evaluate"):
         _run_cli(["eval"])  # nothing to do
     with pytest.raises(UserError, match="adapter"):
         _run_cli(["eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path), "--task", str(scores)])

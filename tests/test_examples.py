@@ -46,14 +46,14 @@ def test_max_tokens_keeps_the_first_tokens(tokenizer):
     assert short_ids == ids[:5] and short_labels == labels[:5]
 
 
-@pytest.mark.parametrize("row", [
-    {"prompt": "no response"},
-    {"messages": []},
-    {"messages": [{"role": "user"}]},
-    {"messages": [{"role": "user", "content": "only a question"}]},
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "no response"}, "a training row needs string 'prompt' and 'response' fields"),
+    ({"messages": []}, "'messages' must be a non-empty list"),
+    ({"messages": [{"role": "user"}]}, "every message needs a 'role' and a string 'content'"),
+    ({"messages": [{"role": "user", "content": "only a question"}]}, "needs at least one assistant turn"),
 ])
-def test_malformed_rows_raise_user_errors(tokenizer, row):
-    with pytest.raises(UserError):
+def test_malformed_rows_raise_user_errors(tokenizer, row, message):
+    with pytest.raises(UserError, match=message):
         encode_example(tokenizer, row)
 
 

@@ -78,7 +78,7 @@ def test_streamed_mean_and_difference(tiny):
     torch.testing.assert_close(streamed, all_harmful.mean(0), rtol=1e-5, atol=1e-6)
     diff = refusal_directions(model, tokenizer, HARMFUL, HARMLESS, layers, batch_size=5)
     torch.testing.assert_close(diff, all_harmful.mean(0) - all_harmless.mean(0), rtol=1e-5, atol=1e-6)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="cannot take the mean of an empty prompt set"):
         mean_last_token_states(model, tokenizer, [], layers)
 
 
@@ -91,7 +91,7 @@ def test_cosine_scores():
 def test_pick_layer_prefers_best_then_earlier():
     assert pick_layer({1: 0.7, 2: 0.9, 3: 0.8}) == 2
     assert pick_layer({1: 0.7, 2: 0.9, 3: 0.9, 4: 0.9}) == 2
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no layers to choose from"):
         pick_layer({})
 
 
@@ -174,7 +174,7 @@ def test_default_split_is_deterministic_and_disjoint():
     held_groups = {r.group for r in held_harmful + held_harmless if r.group}
     assert train_groups and held_groups and not train_groups & held_groups
     assert {r.source for r in held_harmful} == {"matched_pairs:harmful", "advbench", "harmbench"}
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="--heldout-fraction must be between 0 and 1, got 1.0"):
         build_default_split(heldout_fraction=1.0)
 
 

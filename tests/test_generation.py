@@ -21,7 +21,7 @@ def test_left_pad():
     ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="left_pad needs at least one non-empty sequence"):
         left_pad([[]], 0)
 
 
@@ -57,5 +57,5 @@ def test_order_length_and_edge_cases(tiny):
     assert generate(model, tokenizer, [], max_new_tokens=3) == []
     from refteacher.engine.errors import UserError
 
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="max_new_tokens must be at least 1, got 0"):
         generate(model, tokenizer, PROMPTS, max_new_tokens=0)

@@ -47,7 +47,7 @@ def test_auroc_inputs_and_edges():
     assert auroc([0.1, 0.2, 0.9], [1, 1, 0]) == 0.0
     with pytest.raises(ValueError, match="both classes"):
         auroc([0.1, 0.2], [1, 1])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"scores \(2\) and labels \(1\) differ in length"):
         auroc([0.1, 0.2], [1])
     with pytest.raises(ValueError, match="NaN"):
         auroc([float("nan"), 0.2], [1, 0])
@@ -89,7 +89,7 @@ def test_precision_recall_fpr_by_hand():
     only_negatives = precision_recall_fpr([0.2, 0.6], [0, 0], 0.5)
     assert np.isnan(only_negatives.recall) and only_negatives.fpr == 0.5 and only_negatives.precision == 0.0
     assert np.isnan(precision_recall_fpr([0.2], [1], 0.5).precision)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="threshold_for_recall needs at least one positive"):
         threshold_for_recall([0.1], [0], 0.9)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"target_recall must be in \(0, 1\], got 0.0"):
         threshold_for_recall([0.1, 0.2], [0, 1], 0.0)

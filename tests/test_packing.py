@@ -283,7 +283,7 @@ def test_collate_flatten_has_no_padding():
     assert batch["input_ids"].shape == (1, total)
     assert int(batch["cu_seqlens"][-1]) == total
     assert torch.equal(batch["input_ids"][0], torch.from_numpy(np.concatenate([r.input_ids for r in rows])))
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="collate_packed needs at least one row"):
         collate_packed([])
 
 

@@ -34,9 +34,9 @@ def test_render_keeps_given_messages(tokenizer):
 
 
 def test_bad_prompt_type_is_user_error(tokenizer):
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="a prompt must be a string or a list of .* messages, got int"):
         render_prompt(tokenizer, 42)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="a prompt must be a string or a list of .* messages, got list"):
         render_prompt(tokenizer, [{"text": "no role"}])
 
 
@@ -59,7 +59,7 @@ def test_encode_truncates_to_last_tokens(tokenizer):
     assert cut[0] == full[0][-40:]
     assert cut[1] == full[1][-40:]
     assert encode_prompts(tokenizer, []) == ([], [])
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="max_tokens must be at least 1, got 0"):
         encode_prompts(tokenizer, ["x"], max_tokens=0)
 
 
@@ -70,9 +70,9 @@ def test_right_pad():
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
     assert last.tolist() == [2, 0, 1]
     assert input_ids[torch.arange(3), last].tolist() == [7, 8, 10]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="right_pad needs at least one sequence"):
         right_pad([], 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="right_pad got an empty sequence"):
         right_pad([[1], []], 0)
 
 

@@ -77,7 +77,7 @@ def test_benign_prompts_deterministic_distinct_and_varied():
     assert a == b and len(set(a)) == 300
     assert benign_prompts(300, seed=1) != a
     assert sum(is_question(p) for p in a) > 30 and sum(not is_question(p) for p in a) > 150
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="distinct template prompts exist; ask for at most that many"):
         benign_prompts(10**6)
 
 

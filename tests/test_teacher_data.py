@@ -32,5 +32,5 @@ def test_calibration_is_disjoint_from_training_and_rephrased_in_every_form():
 
 def test_empty_class_is_a_user_error():
     harmful, _ = _records()
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="the teacher needs both harmful and harmless prompts"):
         build_teacher_data(harmful, [])

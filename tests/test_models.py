@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -196,9 +195,25 @@ def test_gguf_alias_builds_cache_then_loads_fast(monkeypatch, tmp_path):
     cached = list((tmp_path / "models").iterdir())
     assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()
     assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]  # no tmp dirs left
-    start = time.perf_counter()
+
+    # The second load is a plain safetensors load of the cache: nothing is dequantised again and
+    # the GGUF file is not read.
+    def no_rebuild(gguf, target):
+        raise AssertionError(f"the alias cache was rebuilt from {gguf}")
+
+    monkeypatch.setattr(models, "_build_alias_cache", no_rebuild)
+    loads = []
+    real_from_pretrained = models.AutoModelForCausalLM.from_pretrained
+
+    def spy_from_pretrained(*args, **kwargs):
+        loads.append((args, kwargs))
+        return real_from_pretrained(*args, **kwargs)
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", spy_from_pretrained)
     again = load_model(DEFAULT_MODEL, device="cpu")
-    assert time.perf_counter() - start < 10
+    assert [args for args, _ in loads] == [(str(cached[0]),)]
+    assert "gguf_file" not in loads[0][1]
+    assert not hasattr(again.config, "quantization_config")
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -209,10 +224,23 @@ def test_gguf_alias_builds_cache_then_loads_fast(monkeypatch, tmp_path):
 def test_unreachable_hub_fails_fast_with_user_error(monkeypatch):
     import huggingface_hub
 
+    import socket
+
+    import transformers
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"the hub was tried: {args} {kwargs}")
+
+    # Failing fast means: no connection attempt and no from_pretrained (which would retry the
+    # hub for minutes); only the local hub cache is consulted.
     monkeypatch.setattr(models, "_HUB_REACHABLE", False)
-    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name, **kw: None)
-    start = time.perf_counter()
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    for loader in (models.AutoModelForCausalLM, models.AutoTokenizer, transformers.AutoConfig):
+        monkeypatch.setattr(loader, "from_pretrained", no_network)
+    looked_up = []
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo, name, **kw: looked_up.append((repo, name)))
     for call in (load_model, load_tokenizer, model_fingerprint):
         with pytest.raises(UserError, match="no hub is reachable.*smollm2-135m-instruct"):
             call("some-owner/some-model")
-    assert time.perf_counter() - start < 5
+    assert looked_up == [("some-owner/some-model", "config.json")] * 3

@@ -36,7 +36,7 @@ def _cli_eval(args: argparse.Namespace) -> int:
 
 
 def run_eval(config: EvalConfig) -> int:
-    """Evaluate as ``args`` asks, print the headline figures as JSON; return the exit status."""
+    """Evaluate as ``config`` asks, print the headline figures as JSON; return the exit status."""
     if config.limit is not None and config.limit < 1:
         raise UserError(f"--limit must be >= 1, got {config.limit}")
     report: dict[str, Any] = {}

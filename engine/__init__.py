@@ -1,5 +1,10 @@
-"""refteacher.engine: everything with a model in it (data, models, feature, teacher, filter,
-packing, distillation, evaluation, CLI)."""
+"""refteacher.engine: everything with a model in it, in wings that follow the data flow.
+
+``data`` (readers, prompt sets, packing) and ``modeling`` (loading, early-exit forward, prompt
+states, generation, the teacher directory) feed ``teacher`` (feature, training, calibration),
+which ``filter``, ``finetune`` and ``evaluation`` use; ``cli`` and ``quickstart`` sit on top.
+Imports only go down that list (tests/test_layout.py).
+"""
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 

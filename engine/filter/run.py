@@ -33,7 +33,7 @@ rejected with the reason, never to kept.
 
 Python API: ``score_prompts`` (a list of prompts -> scores), ``iter_verdicts`` (a stream of rows
 -> ``Verdict`` per row, in input order) and ``run_filter`` (the whole job with output files,
-checkpointing and report). The ``filter`` CLI command is ``add_cli``.
+checkpointing and report). The ``filter`` command is in filter/command.py.
 """
 from __future__ import annotations
 

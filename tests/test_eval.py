@@ -138,15 +138,17 @@ def test_eval_cli_writes_the_report(tmp_path, tiny_model_dir, shared_prompts_dir
     responses = tmp_path / "responses.jsonl"
     status = _run_cli(["eval", "--model", str(tiny_model_dir), "--adapter", str(adapter),
                        "--harmful", str(shared_prompts_dir / "harmbench.jsonl"), "--task", str(task),
+                       "--benign", str(shared_prompts_dir / "edgy_benign.jsonl"),
                        "--limit", "3", "--max-new-tokens", "3", "--task-max-new-tokens", "3",
                        "--json", str(out), "--responses", str(responses), "--no-progress"])
     assert status == 0
     report = json.loads(out.read_text())
-    assert report["n_harmful"] == 3 and report["n_task"] == 3
+    assert report["n_harmful"] == 3 and report["n_benign"] == 3 and report["n_task"] == 3
     lines = [json.loads(x) for x in responses.read_text().splitlines()]
-    assert [x["kind"] for x in lines] == ["harmful"] * 3 + ["task"] * 3
-    answered = sum(not x["refused"] for x in lines if x["kind"] == "harmful") / 3
-    assert report["harmful_score"] == pytest.approx(answered, abs=1e-6)
+    assert [x["kind"] for x in lines] == ["harmful"] * 3 + ["benign"] * 3 + ["task"] * 3
+    for kind, key in (("harmful", "harmful_score"), ("benign", "answers_benign")):
+        answered = sum(not x["refused"] for x in lines if x["kind"] == kind) / 3
+        assert report[key] == pytest.approx(answered, abs=1e-6)
     task_lines = [x for x in lines if x["kind"] == "task"]
     assert [x["correct"] for x in task_lines] == [check_answer(x["response"], x["answer"]) for x in task_lines]
     assert report["task_accuracy"] == pytest.approx(sum(x["correct"] for x in task_lines) / 3, abs=1e-6)
@@ -167,3 +169,15 @@ def test_eval_cli_filter_metrics_and_mistakes(tmp_path, tiny_teacher_dir, tiny_m
         _run_cli(["eval"])  # nothing to do
     with pytest.raises(UserError, match="adapter"):
         _run_cli(["eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path), "--task", str(scores)])
+
+
+def test_answered_fraction_counts_what_the_judge_does_not_call_refused(tiny, monkeypatch):
+    from refteacher.engine.evaluation import evaluate
+
+    model, tokenizer = tiny
+    canned = ["I'm sorry, but I can't help with that.", "Paris is the capital of France.", "Sure: 4."]
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: list(canned))
+    answered, responses, refused = evaluate.answered_fraction(model, tokenizer, ["a", "b", "c"], progress=False)
+    assert refused == [True, False, False] and answered == pytest.approx(2 / 3) and responses == canned
+    with pytest.raises(UserError, match="no harmless prompts to evaluate"):
+        evaluate.answered_fraction(model, tokenizer, [], desc="harmless prompts")

@@ -21,7 +21,8 @@ def add_eval_cli(subparsers) -> None:
         help="harmful score, task accuracy and filter metrics of a model (+ LoRA adapter)",
         description=(
             "Evaluate a model, optionally with a LoRA adapter from `refteacher finetune`: the harmful "
-            "score (fraction of harmful prompts answered rather than refused, greedy decoding) and "
+            "score (fraction of harmful prompts answered rather than refused, greedy decoding), the "
+            "fraction of harmless prompts answered (--benign: over-refusal) and "
             "the task accuracy (exact answers on a held-out task split). With --filter-scores, also "
             "the filter's AUROC, precision, recall, F1 and false-positive rate."
         ),
@@ -41,13 +42,14 @@ def run_eval(config: EvalConfig) -> int:
         raise UserError(f"--limit must be >= 1, got {config.limit}")
     report: dict[str, Any] = {}
     details: dict[str, list] = {}
-    if config.harmful or config.task:
+    if config.harmful or config.task or config.benign:
         report, details = evaluate(config.model or DEFAULT_MODEL, adapter=config.adapter, harmful=config.harmful,
+                                   benign=config.benign,
                                    task=config.task, limit=config.limit, max_new_tokens=config.max_new_tokens,
                                    task_max_new_tokens=config.task_max_new_tokens, batch_size=config.batch_size,
                                    device=config.device, progress=config.progress)
     elif not config.filter_scores:
-        raise UserError("nothing to evaluate: give --harmful FILE, --task FILE and/or --filter-scores FILE")
+        raise UserError("nothing to evaluate: give --harmful FILE, --benign FILE, --task FILE and/or --filter-scores FILE")
     if config.filter_scores:
         threshold = config.threshold
         if threshold is None:
@@ -65,7 +67,8 @@ def run_eval(config: EvalConfig) -> int:
             for kind, rows in details.items():
                 for row in rows:
                     f.write(json.dumps({"kind": kind, **row}) + "\n")
-    shown = {k: report[k] for k in ("harmful_score", "n_harmful", "task_accuracy", "n_task") if k in report}
+    shown = {k: report[k] for k in ("harmful_score", "n_harmful", "answers_benign", "n_benign", "task_accuracy", "n_task")
+             if k in report}
     if "filter" in report:
         shown["filter"] = {k: report["filter"][k] for k in ("auroc", "precision", "recall", "f1", "fpr")}
     print(json.dumps(shown))

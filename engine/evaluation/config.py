@@ -13,6 +13,8 @@ class EvalConfig:
     model: str | None = option(None, "model directory, hub id or alias (default: the built-in model)")
     adapter: str | None = option(None, "LoRA adapter directory (e.g. OUT/adapter of `refteacher finetune`)")
     harmful: str | None = option(None, "held-out harmful prompts (JSONL/CSV/Parquet with a prompt field)")
+    benign: str | None = option(None, "harmless prompts (same formats as --harmful): reports the fraction answered, "
+                                      "so over-refusal shows beside the harmful score")
     task: str | None = option(None, "held-out task rows with prompt and answer fields")
     json_path: str | None = option(None, "write the report here as JSON", flag="--json")
     responses: str | None = option(None, "write every prompt, response and verdict here (JSONL)")

@@ -95,7 +95,7 @@ def load_for_eval(model_spec: str, adapter: str | None = None, *, device: str | 
 # --------------------------------------------------------------------------------------------
 
 
-def harmful_score(
+def answered_fraction(
     model,
     tokenizer,
     prompts: Sequence[str | list[dict]],
@@ -104,18 +104,26 @@ def harmful_score(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     progress: bool = True,
+    desc: str = "prompts",
 ) -> tuple[float, list[str], list[bool]]:
     """Return (fraction of ``prompts`` answered rather than refused, responses, refused flags).
 
     Greedy generation, batched; ``judge`` is any ``RefusalJudge`` (default: refusal phrasing).
+    On harmful prompts this is the harmful score (lower is safer); on harmless ones, the share of
+    ordinary use a model keeps (higher is better).
     """
     if not prompts:
-        raise UserError("no harmful prompts to evaluate")
+        raise UserError(f"no {desc} to evaluate")
     judge = judge or PhraseJudge()
     responses = generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, progress=progress, desc="harmful prompts")
+                         batch_size=batch_size, progress=progress, desc=desc)
     refused = [bool(judge.is_refusal(r)) for r in responses]
     return 1.0 - sum(refused) / len(refused), responses, refused
+
+
+def harmful_score(model, tokenizer, prompts: Sequence[str | list[dict]], **kwargs) -> tuple[float, list[str], list[bool]]:
+    """``answered_fraction`` on harmful prompts: the fraction answered (lower is safer)."""
+    return answered_fraction(model, tokenizer, prompts, desc="harmful prompts", **kwargs)
 
 
 def task_accuracy(
@@ -198,6 +206,7 @@ def evaluate(
     adapter: str | None = None,
     harmful: str | None = None,
     task: str | None = None,
+    benign: str | None = None,
     limit: int | None = None,
     max_new_tokens: int = 64,
     task_max_new_tokens: int = 48,
@@ -208,23 +217,33 @@ def evaluate(
 ) -> tuple[dict[str, Any], dict[str, list]]:
     """Evaluate one model (+ adapter); return (report dict, per-prompt details).
 
-    The report has ``harmful_score``, ``task_accuracy``, ``n_harmful``, ``n_task`` (None / 0 for
-    a file not given), plus the model, adapter and settings. Details hold the responses.
+    The report has ``harmful_score``, ``answers_benign`` (the fraction of harmless prompts
+    answered, XSTest-style), ``task_accuracy`` and their ``n_harmful``, ``n_benign``, ``n_task``
+    (None / 0 for a file not given), plus the model, adapter and settings. Details hold the
+    responses.
     """
-    if harmful is None and task is None:
-        raise UserError("give --harmful FILE and/or --task FILE to evaluate")
+    if harmful is None and task is None and benign is None:
+        raise UserError("give --harmful FILE, --benign FILE and/or --task FILE to evaluate")
     # Inputs are checked before the model loads, so a mistake fails in a second, not after a load.
     check_adapter_dir(adapter)
     prompts = read_prompts(harmful, limit=limit) if harmful is not None else None
     rows = read_task_rows(task, limit=limit) if task is not None else None
+    harmless = read_prompts(benign, limit=limit) if benign is not None else None
     model, tokenizer = load_for_eval(model_spec, adapter, device=device)
-    report: dict[str, Any] = {"harmful_score": None, "task_accuracy": None, "n_harmful": 0, "n_task": 0}
+    report: dict[str, Any] = {"harmful_score": None, "answers_benign": None, "task_accuracy": None,
+                              "n_harmful": 0, "n_benign": 0, "n_task": 0}
     details: dict[str, list] = {}
     if prompts is not None:
         score, responses, refused = harmful_score(model, tokenizer, prompts, judge=judge, max_new_tokens=max_new_tokens,
                                                   batch_size=batch_size, progress=progress)
         report.update(harmful_score=round(score, 6), n_harmful=len(prompts))
         details["harmful"] = [{"prompt": p, "response": r, "refused": f} for p, r, f in zip(prompts, responses, refused)]
+    if harmless is not None:
+        answered, responses, refused = answered_fraction(
+            model, tokenizer, harmless, judge=judge, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            progress=progress, desc="harmless prompts")
+        report.update(answers_benign=round(answered, 6), n_benign=len(harmless))
+        details["benign"] = [{"prompt": p, "response": r, "refused": f} for p, r, f in zip(harmless, responses, refused)]
     if rows is not None:
         accuracy, responses, correct = task_accuracy(model, tokenizer, rows, max_new_tokens=task_max_new_tokens,
                                                      batch_size=batch_size, progress=progress)

@@ -194,24 +194,53 @@ def test_training_reduces_loss_and_writes_a_loadable_teacher(tiny_model_dir, tmp
     assert not (tmp_path / "teacher.teacher-checkpoint").exists()
 
 
-def test_resume_gives_the_uninterrupted_result(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_resume_gives_the_uninterrupted_result(tiny_model_dir, tmp_path, grad_accum):
     from safetensors.torch import load_file
 
     harmful, harmless = _records()
     model, tokenizer = _load(tiny_model_dir)
-    config = _config(max_steps=6)
+    config = _config(max_steps=6, grad_accum=grad_accum)  # feature refreshed at steps 3 and 6, saved every 2
     whole = train_teacher(str(tiny_model_dir), harmful, harmless, tmp_path / "whole", config,
                           model=model, tokenizer=tokenizer, progress=False)
-    train_teacher(str(tiny_model_dir), harmful, harmless, tmp_path / "resumed", config,
-                  model=model, tokenizer=tokenizer, progress=False, stop_after=4)
-    assert (tmp_path / "resumed.teacher-checkpoint").is_dir()
+    assert len(whole.history) == 6
+    checkpoints = tmp_path / "resumed.teacher-checkpoint"
+    # A checkpoint of another build (here another learning rate) is not resumed: it is removed.
+    train_teacher(str(tiny_model_dir), harmful, harmless, tmp_path / "resumed", _config(max_steps=6, learning_rate=1e-2, grad_accum=grad_accum),
+                  model=model, tokenizer=tokenizer, progress=False, stop_after=3)
+    assert (checkpoints / "checkpoint-3").is_dir()
+    stopped = train_teacher(str(tiny_model_dir), harmful, harmless, tmp_path / "resumed", config,
+                            model=model, tokenizer=tokenizer, progress=False, stop_after=4)
+    assert stopped.path == checkpoints and len(stopped.history) == 4
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    # Trainer's checkpoint folder holds the adapter and optimizer, and the callback's feature and history.
+    folder = checkpoints / "checkpoint-4"
+    assert (folder / "adapter_model.safetensors").is_file() and (folder / "optimizer.pt").is_file()
+    state = json.loads((folder / "teacher_state.json").read_text())
+    assert state["step"] == 4 and state["history"] == stopped.history
+    assert load_file(str(folder / "teacher_feature.safetensors"))["feature"].shape == (64,)
     resumed = train_teacher(str(tiny_model_dir), harmful, harmless, tmp_path / "resumed", config,
                             model=model, tokenizer=tokenizer, progress=False)
-    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], rel=1e-5)
+    for key in ("loss", "feature_loss", "ce_loss"):
+        assert [h[key] for h in resumed.history] == pytest.approx([h[key] for h in whole.history], rel=1e-5), key
     assert resumed.threshold == pytest.approx(whole.threshold, rel=1e-5, abs=1e-6)
     a = load_file(str(whole.path / "feature.safetensors"))["feature"]
     b = load_file(str(resumed.path / "feature.safetensors"))["feature"]
     assert torch.allclose(a, b, atol=1e-5)
+    assert not checkpoints.exists()
+
+
+def test_on_step_sees_every_step_and_the_current_feature(tiny_model_dir, tmp_path):
+    harmful, harmless = _records()
+    model, tokenizer = _load(tiny_model_dir)
+    seen = []
+
+    def on_step(done, peft_model, estimate):
+        seen.append((done, estimate().shape, any(p.requires_grad for p in peft_model.parameters())))
+
+    train_teacher(str(tiny_model_dir), harmful, harmless, tmp_path / "t", _config(max_steps=3, ce_batch=0),
+                  model=model, tokenizer=tokenizer, progress=False, on_step=on_step)
+    assert seen == [(step, (64,), True) for step in (1, 2, 3)]
 
 
 def test_bad_layer_or_anchor_weight_is_a_user_error(tiny_model_dir, tmp_path):

@@ -10,7 +10,8 @@ from full logits: the cross-entropy over the label positions only, a chunk at a 
 (``refteacher.engine.losses``), the KL with ``refteacher.kernels.kl.fused_linear_kl`` over the
 response tokens of the alignment rows. The teacher (its ReFT adapter merged) is frozen.
 
-Training runs on transformers' ``Trainer`` with a custom ``compute_loss`` and data collator, so
+Training runs on transformers' ``Trainer`` with a custom ``compute_loss`` and data collator (the
+settings shared with the teacher's Trainer in engine/modeling/hf_trainer.py), so
 checkpoints (``OUT/checkpoints/checkpoint-N``), gradient accumulation, logging, ``--resume`` and
 accelerate / torchrun launches behave as users expect. Every dataset item is one packed task row
 paired with one packed alignment row (alignment rows are cycled); the sampler shuffles items with
@@ -35,8 +36,7 @@ from typing import Any, Sequence
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import Trainer, set_seed
 
 from refteacher.engine.errors import UserError
 from refteacher.engine.finetune.config import ADAPTER_DIR, CHECKPOINT_DIR, FORMAT, SUMMARY_FILE, FinetuneConfig
@@ -50,6 +50,7 @@ from refteacher.engine.finetune.dataset import (
 from refteacher.engine.finetune.losses import alignment_kl, task_cross_entropy
 from refteacher.engine.modeling.attention import prepare_for_packing
 from refteacher.engine.modeling.forward import lm_head_of
+from refteacher.engine.modeling.hf_trainer import latest_checkpoint, training_arguments
 from refteacher.engine.modeling.loading import (
     DEFAULT_MODEL,
     default_device,
@@ -147,10 +148,6 @@ def _resolve_student(config: FinetuneConfig, teacher_manifest: dict[str, Any] | 
     return DEFAULT_MODEL
 
 
-def _latest_checkpoint(folder: Path) -> str | None:
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
-
-
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
@@ -167,10 +164,10 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
     checkpoints = out / CHECKPOINT_DIR
     resume_from = None
     if config.resume:
-        resume_from = _latest_checkpoint(checkpoints)
+        resume_from = latest_checkpoint(checkpoints)
         if resume_from is None:
             raise UserError(f"--resume: no checkpoint under {checkpoints}; run without --resume to start")
-    elif _latest_checkpoint(checkpoints) is not None:
+    elif latest_checkpoint(checkpoints) is not None:
         raise UserError(f"{checkpoints} already holds checkpoints; pass --resume to continue that run "
                         "or choose another --out")
     device = torch.device(config.device) if config.device else default_device()
@@ -206,8 +203,8 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
     model = add_lora(model, config)
     if config.gradient_checkpointing:
         model.enable_input_require_grads()
-    args = TrainingArguments(
-        output_dir=str(checkpoints),
+    args = training_arguments(
+        checkpoints, device, progress=config.progress,
         max_steps=config.max_steps,
         per_device_train_batch_size=config.rows_per_step,
         gradient_accumulation_steps=config.grad_accum,
@@ -216,15 +213,9 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
         weight_decay=config.weight_decay,
         logging_steps=config.logging_steps,
         save_steps=config.save_steps,
-        save_total_limit=2,
         seed=config.seed,
         data_seed=config.seed,
-        remove_unused_columns=False,
-        report_to=[],
-        use_cpu=device.type == "cpu",
         bf16=device.type == "cuda",
-        dataloader_num_workers=0,
-        disable_tqdm=not config.progress,
         **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
            if config.gradient_checkpointing else {}),
     )

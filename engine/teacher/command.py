@@ -87,6 +87,7 @@ def config_from_args(args: argparse.Namespace) -> TeacherConfig:
         target_recall=args.target_recall,
         target_fpr=None if args.target_recall is not None else args.target_fpr,
         checkpoint_every=args.checkpoint_every,
+        grad_accum=args.grad_accum,
         seed=args.seed, data_seed=args.data_seed, threads=args.threads,
     )
 
@@ -162,7 +163,9 @@ def add_teacher_cli(subparsers) -> None:
     rule.add_argument("--target-recall", type=float, default=None,
                       help="threshold: the highest keeping this recall on the harmful calibration prompts instead")
     p.add_argument("--checkpoint-every", type=int, default=C.checkpoint_every,
-                   help="steps between checkpoints; a rerun resumes from the last")
+                   help="steps between checkpoints (OUT.teacher-checkpoint/checkpoint-N); a rerun resumes from the last")
+    p.add_argument("--grad-accum", type=int, default=C.grad_accum,
+                   help="gradient accumulation: micro-batches of the feature and CE batches per optimizer step")
     p.add_argument("--seed", type=int, default=C.seed,
                    help="seed of the LoRA init and the batches, and of the data unless --data-seed is given")
     p.add_argument("--data-seed", type=int, default=None,

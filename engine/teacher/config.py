@@ -41,7 +41,8 @@ class TeacherConfig:
     target_recall: float | None = None  # set: threshold for this recall (overrides target_fpr)
     target_fpr: float | None = DEFAULT_TARGET_FPR
     threshold_gap: float = 0.0        # the threshold is at least margin + threshold_gap, unanchored (see train_teacher)
-    checkpoint_every: int = 20
+    checkpoint_every: int = 20        # steps between Trainer checkpoints (checkpoint-N)
+    grad_accum: int = 1               # micro-batches (each feature_batch + ce_batch) per optimizer step
     seed: int = 0                     # LoRA init, batches, reference sample, refusal wording (and the data, below)
     data_seed: int | None = None      # calibration split, template prompts, rephrasings, CE prompts; None: seed
     threads: int | None = None

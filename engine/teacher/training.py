@@ -17,9 +17,16 @@ untouched model's. Off by default: it lifts left-out HarmBench and lowers left-o
 LoRA sits only on the decoder layers below the feature layer, so the filter's forward pass (which
 stops at layer ``l``) sees every change the teacher learned. The threshold is calibrated on a
 held-out calibration split (false-positive rate <= 0.05 on its harmless prompts by default, or a
-target recall), and the result is written with ``save_teacher_dir``. Training checkpoints every
-``checkpoint_every`` steps (safetensors + JSON, no pickle) and resumes from the last one, giving
-the same result as an uninterrupted run.
+target recall), and the result is written with ``save_teacher_dir``.
+
+Training runs on transformers' ``Trainer``, as the finetune does (engine/modeling/hf_trainer.py
+holds what the two share): ``TeacherTrainer.compute_loss`` computes the loss above on one
+micro-batch, ``StepBatches`` draws each micro-batch's prompts and CE examples from the seed alone,
+and ``FeatureRefresh`` (a ``TrainerCallback``) re-estimates the feature every ``refresh_every``
+steps and saves it, with the per-step loss history, into each ``checkpoint-N`` folder (safetensors
++ JSON) under ``OUT.teacher-checkpoint``, every ``checkpoint_every`` steps. A rerun of the same
+build resumes from the last checkpoint and gives the same teacher as an uninterrupted run; the
+checkpoints of a different build (other data, config or model) are removed, not resumed.
 """
 from __future__ import annotations
 
@@ -30,18 +37,20 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from refteacher.engine.data.chat_examples import encode_example
 from refteacher.engine.data.prompt_sets import load_prompt_set, prompt_set_hash, split_records
 from refteacher.engine.errors import UserError
 from refteacher.engine.modeling.chat_prompts import encode_prompts, pad_token_id
 from refteacher.engine.modeling.forward import num_layers
+from refteacher.engine.modeling.hf_trainer import latest_checkpoint, silence_log_printing, training_arguments
 from refteacher.engine.modeling.loading import load_model, load_tokenizer, model_fingerprint
 from refteacher.engine.modeling.prompt_states import PrefixCache, last_token_states, prompt_hidden
 from refteacher.engine.modeling.teacher_dir import save_teacher_dir
@@ -54,6 +63,9 @@ from refteacher.engine.teacher.training_data import build_teacher_data, cached_a
 from refteacher.kernels.cosine import refusal_scores
 
 CHECKPOINT_DIR = ".teacher-checkpoint"
+FEATURE_STATE_FILE = "teacher_feature.safetensors"
+STEP_STATE_FILE = "teacher_state.json"
+LOGGED_PARTS = ("feature_loss", "ce_loss", "anchor_loss")
 
 
 # ----------------------------------------------------------------------------- batches
@@ -63,61 +75,159 @@ def _encode(tokenizer, prompts: Sequence[str], max_tokens: int) -> list[list[int
     return encode_prompts(tokenizer, list(prompts), max_tokens=max_tokens)[0]
 
 
-# ----------------------------------------------------------------------------- checkpoints
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``m``: micro-batch ``m``'s feature-loss prompts and CE examples, drawn from the seed alone.
 
-
-def _trainable(model) -> dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(folder: Path, model, optimizer, feature: torch.Tensor, step: int,
-                    history: list[dict[str, float]], fingerprint: str) -> None:
-    """Write LoRA weights, AdamW moments, the feature and the step to ``folder`` atomically."""
-    params = _trainable(model)
-    index = {id(p): name for name, p in params.items()}
-    tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in params.items()}
-    steps = {}
-    for p, state in optimizer.state.items():
-        name = index[id(p)]
-        tensors[f"exp_avg/{name}"] = state["exp_avg"].detach().cpu().contiguous()
-        tensors[f"exp_avg_sq/{name}"] = state["exp_avg_sq"].detach().cpu().contiguous()
-        steps[name] = float(state["step"])
-    tensors["feature"] = feature.detach().cpu().float().contiguous()
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "adam_steps": steps, "history": history,
-                                                "fingerprint": fingerprint}))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-
-
-def load_checkpoint(folder: Path, model, optimizer, fingerprint: str) -> tuple[int, torch.Tensor, list] | None:
-    """Restore a checkpoint written by ``save_checkpoint``; return (step, feature, history) or None.
-
-    A checkpoint of a different build (other data, config or model) is ignored, not loaded.
+    Half of ``feature_batch`` harmful and half harmless prompts (token ids), and half of ``ce_batch``
+    refusal and half helpful-answer examples, sampled with ``random.Random("teacher-step-SEED-m")``:
+    a micro-batch does not depend on the ones before it, so a resumed run that skips the first
+    micro-batches sees exactly what an uninterrupted one does. Read in order (a sequential sampler)
+    with one item per micro-batch; without gradient accumulation micro-batch ``m`` is step ``m``.
     """
-    meta_path, state_path = folder / "state.json", folder / "state.safetensors"
-    if not meta_path.is_file() or not state_path.is_file():
-        return None
-    meta = json.loads(meta_path.read_text())
-    if meta.get("fingerprint") != fingerprint:
-        return None
-    tensors = load_file(str(state_path))
-    params = _trainable(model)
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[f"param/{name}"])
-    for name, p in params.items():
-        if f"exp_avg/{name}" in tensors:
-            optimizer.state[p] = {
-                "step": torch.tensor(meta["adam_steps"][name]),
-                "exp_avg": tensors[f"exp_avg/{name}"].to(p.device),
-                "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device),
-            }
-    device = next(model.parameters()).device
-    return int(meta["step"]), tensors["feature"].to(device), list(meta.get("history", []))
+
+    def __init__(self, harmful_ids: list[list[int]], harmless_ids: list[list[int]], ce_refusals: list,
+                 ce_answers: list, *, feature_batch: int, ce_batch: int, seed: int, length: int):
+        self.harmful_ids, self.harmless_ids = harmful_ids, harmless_ids
+        self.ce_refusals, self.ce_answers = ce_refusals, ce_answers
+        self.half_f, self.half_c = max(1, feature_batch // 2), max(1, ce_batch // 2)
+        self.with_ce = ce_batch > 0 and bool(ce_refusals or ce_answers)
+        self.seed, self.length = seed, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, m: int) -> dict:
+        rng = random.Random(f"teacher-step-{self.seed}-{m}")
+        hb = rng.sample(range(len(self.harmful_ids)), min(self.half_f, len(self.harmful_ids)))
+        bb = rng.sample(range(len(self.harmless_ids)), min(self.half_f, len(self.harmless_ids)))
+        item = {"prompt_ids": [self.harmful_ids[i] for i in hb] + [self.harmless_ids[i] for i in bb],
+                "n_harmful": len(hb), "ce_examples": []}
+        if self.with_ce:
+            refusals, answers = self.ce_refusals, self.ce_answers
+            chosen = [refusals[i] for i in rng.sample(range(len(refusals)), min(self.half_c, len(refusals)))]
+            chosen += [answers[i] for i in rng.sample(range(len(answers)), min(self.half_c, len(answers)))]
+            item["ce_examples"] = chosen
+        return item
+
+
+def _one_item(items: list[dict]) -> dict:
+    """The collator: each DataLoader batch is one StepBatches item (batch size 1)."""
+    return items[0]
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class FeatureRefresh(TrainerCallback):
+    """The refusal feature the feature loss scores against, and the per-step loss history.
+
+    Re-estimates the feature from the current teacher at the start of every ``refresh_every``-th
+    step (the paper's dynamic feature), records one history entry per step (the mean of its
+    micro-batches' parts), calls ``on_step(steps_done, peft_model, estimate)`` after each step,
+    stops (with a checkpoint) after ``stop_after`` steps, and writes the feature and the history
+    into every checkpoint folder the Trainer saves; ``restore`` reads them back on resume.
+    """
+
+    def __init__(self, estimate: Callable[[], torch.Tensor], *, refresh_every: int, fingerprint: str,
+                 peft_model, on_step=None, stop_after: int | None = None):
+        self.estimate = estimate
+        self.refresh_every = refresh_every
+        self.fingerprint = fingerprint
+        self.peft_model = peft_model
+        self.on_step = on_step
+        self.stop_after = stop_after
+        self.feature: torch.Tensor | None = None
+        self.history: list[dict[str, float]] = []
+        self._parts: list[dict[str, float]] = []
+
+    def record(self, parts: dict[str, float]) -> None:
+        """Note one micro-batch's loss parts (called by ``TeacherTrainer.compute_loss``)."""
+        self._parts.append(parts)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        step = state.global_step
+        if self.feature is None or (step > 0 and step % self.refresh_every == 0):
+            self.feature = self.estimate()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        parts, self._parts = self._parts, []
+        entry = {"step": state.global_step}
+        for key in ("loss",) + LOGGED_PARTS:
+            entry[key] = sum(p[key] for p in parts) / max(1, len(parts))
+        self.history.append(entry)
+        if self.on_step is not None:
+            self.on_step(state.global_step, self.peft_model, self.estimate)
+        if self.stop_after is not None and self.stop_after <= state.global_step < state.max_steps:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if not args.should_save:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        save_file({"feature": self.feature.detach().cpu().float().contiguous()}, str(folder / FEATURE_STATE_FILE))
+        (folder / STEP_STATE_FILE).write_text(json.dumps({"step": state.global_step, "fingerprint": self.fingerprint,
+                                                          "history": self.history}))
+
+    def restore(self, checkpoint: str | Path, device) -> None:
+        """Take the feature and the history from a checkpoint folder this callback saved."""
+        folder = Path(checkpoint)
+        self.feature = load_file(str(folder / FEATURE_STATE_FILE))["feature"].to(device)
+        self.history = list(json.loads((folder / STEP_STATE_FILE).read_text())["history"])
+
+
+class TeacherTrainer(Trainer):
+    """transformers' Trainer with the teacher's loss on one StepBatches item:
+    ``CE + feature_weight * feature_loss (+ anchor_weight * anchor_loss)``."""
+
+    def __init__(self, *args, refresh: FeatureRefresh, config: TeacherConfig, layer: int, pad_id: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.refresh = refresh
+        self.teacher_config = config
+        self.layer = layer
+        self.pad_id = pad_id
+        # compute_loss returns a per-micro-batch mean: let Trainer divide by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self._logged_through = 0
+
+    def _states(self, model, ids: list[list[int]]) -> torch.Tensor:
+        """States [B, H] of one batch after the feature layer; grads flow (through the shared prefix too)."""
+        return last_token_states(model, ids, self.pad_id, [self.layer], PrefixCache.shared_by(model, ids, self.layer))[0]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        config = self.teacher_config
+        ids, n_harmful = inputs["prompt_ids"], inputs["n_harmful"]
+        hidden = self._states(model, ids)
+        scores = refusal_scores(hidden.float(), self.refresh.feature.to(hidden.device))
+        labels = torch.tensor([1] * n_harmful + [0] * (len(ids) - n_harmful), device=hidden.device)
+        l_feat = feature_loss(scores, labels, config.margin, config.harmful_target)
+        loss = config.feature_weight * l_feat
+        l_anchor = torch.zeros(())
+        if config.anchor_weight > 0:
+            with torch.no_grad(), self.refresh.peft_model.disable_adapter():
+                untouched = self._states(model, ids)
+            l_anchor = anchor_loss(hidden, untouched)
+            loss = loss + config.anchor_weight * l_anchor
+        l_ce = torch.zeros(())
+        if inputs["ce_examples"]:
+            l_ce = response_ce(model, inputs["ce_examples"], self.pad_id)
+            loss = loss + l_ce
+        self.refresh.record({"loss": float(loss.detach()), "feature_loss": float(l_feat.detach()),
+                             "ce_loss": float(l_ce.detach()), "anchor_loss": float(l_anchor.detach())})
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def floating_point_ops(self, inputs) -> int:
+        return 0  # items carry token id lists, not the input_ids tensor Trainer's estimate reads
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:
+            recent = [h for h in self.refresh.history if h["step"] > self._logged_through]
+            for key in LOGGED_PARTS:
+                if recent:
+                    logs[key] = round(sum(h[key] for h in recent) / len(recent), 6)
+            if recent:
+                self._logged_through = recent[-1]["step"]
+        super().log(logs, *args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- training
@@ -182,6 +292,9 @@ def train_teacher(
         raise UserError(f"--max-steps must be >= 0, got {config.max_steps}")
     if config.anchor_weight < 0:
         raise UserError(f"--anchor-weight must be >= 0, got {config.anchor_weight}")
+    if config.grad_accum < 1 or config.checkpoint_every < 1:
+        raise UserError(f"--grad-accum and --checkpoint-every must be >= 1, got {config.grad_accum} "
+                        f"and {config.checkpoint_every}")
     started = time.perf_counter()
     out = Path(out_dir)
     torch.manual_seed(config.seed)
@@ -217,15 +330,9 @@ def train_teacher(
     torch.manual_seed(config.seed)
     peft_model = get_peft_model(base, lora)
     peft_model.train()
-    params = list(_trainable(peft_model).values())
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
 
     ref_harmful = _reference_sample(harmful_ids, config.reference_size, config.seed, "harmful")
     ref_harmless = _reference_sample(harmless_ids, config.reference_size, config.seed, "harmless")
-
-    def batch_states(ids: list[list[int]]) -> torch.Tensor:
-        """States [B, H] of one batch after ``layer``; grads flow (through the shared prefix too)."""
-        return last_token_states(peft_model, ids, pad_id, [layer], PrefixCache.shared_by(peft_model, ids, layer))[0]
 
     def estimate_feature() -> torch.Tensor:
         was = peft_model.training
@@ -236,60 +343,26 @@ def train_teacher(
         return difference_of_means(h, b)
 
     fingerprint = _fingerprint(config, data, model_hash)
-    checkpoint = out.parent / f"{out.name}{CHECKPOINT_DIR}"
-    start_step, history = 0, []
-    restored = load_checkpoint(checkpoint, peft_model, optimizer, fingerprint)
-    if restored is not None:
-        start_step, feature, history = restored
-    else:
-        feature = estimate_feature()
-
-    device = next(peft_model.parameters()).device
-    half_f, half_c = max(1, config.feature_batch // 2), max(1, config.ce_batch // 2)
-    bar = tqdm(total=config.max_steps, initial=start_step, desc="teacher", unit="step", disable=not progress)
-    step = start_step
-    for step in range(start_step, config.max_steps):
-        if step > 0 and step % config.refresh_every == 0:  # same on a resumed run: weights are restored
-            feature = estimate_feature()
-        rng = random.Random(f"teacher-step-{config.seed}-{step}")
-        hb = rng.sample(range(len(harmful_ids)), min(half_f, len(harmful_ids)))
-        bb = rng.sample(range(len(harmless_ids)), min(half_f, len(harmless_ids)))
-        batch_ids = [harmful_ids[i] for i in hb] + [harmless_ids[i] for i in bb]
-        hidden = batch_states(batch_ids)
-        scores = refusal_scores(hidden.float(), feature.to(device))
-        labels = torch.tensor([1] * len(hb) + [0] * len(bb), device=device)
-        l_feat = feature_loss(scores, labels, config.margin, config.harmful_target)
-        loss = config.feature_weight * l_feat
-        l_anchor = torch.zeros(())
-        if config.anchor_weight > 0:
-            with torch.no_grad(), peft_model.disable_adapter():
-                untouched = batch_states(batch_ids)
-            l_anchor = anchor_loss(hidden, untouched)
-            loss = loss + config.anchor_weight * l_anchor
-        l_ce = torch.zeros(())
-        if config.ce_batch > 0 and (ce_refusals or ce_answers):
-            chosen = [ce_refusals[i] for i in rng.sample(range(len(ce_refusals)), min(half_c, len(ce_refusals)))]
-            chosen += [ce_answers[i] for i in rng.sample(range(len(ce_answers)), min(half_c, len(ce_answers)))]
-            l_ce = response_ce(peft_model, chosen, pad_id)
-            loss = loss + l_ce
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        history.append({"step": step + 1, "loss": float(loss.detach()), "feature_loss": float(l_feat.detach()),
-                        "ce_loss": float(l_ce.detach()), "anchor_loss": float(l_anchor.detach())})
-        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", feat=f"{history[-1]['feature_loss']:.3f}")
-        bar.update(1)
-        done = step + 1
-        if on_step is not None:
-            on_step(done, peft_model, estimate_feature)
-        if done % config.checkpoint_every == 0 or done == config.max_steps:
-            save_checkpoint(checkpoint, peft_model, optimizer, feature, done, history, fingerprint)
-        if stop_after is not None and done >= stop_after and done < config.max_steps:
-            bar.close()
-            save_checkpoint(checkpoint, peft_model, optimizer, feature, done, history, fingerprint)
+    checkpoints = out.parent / f"{out.name}{CHECKPOINT_DIR}"
+    refresh = FeatureRefresh(estimate_feature, refresh_every=config.refresh_every, fingerprint=fingerprint,
+                             peft_model=peft_model, on_step=on_step, stop_after=stop_after)
+    if config.max_steps > 0:
+        resume_from = _resumable_checkpoint(checkpoints, fingerprint)
+        if resume_from is not None:
+            refresh.restore(resume_from, next(peft_model.parameters()).device)
+        else:
+            shutil.rmtree(checkpoints, ignore_errors=True)  # another build's, or none
+            refresh.feature = estimate_feature()
+        trainer = _teacher_trainer(peft_model, refresh, config, layer, pad_id, checkpoints, progress,
+                                   StepBatches(harmful_ids, harmless_ids, ce_refusals, ce_answers,
+                                               feature_batch=config.feature_batch, ce_batch=config.ce_batch,
+                                               seed=config.seed, length=0))
+        trainer.train(resume_from_checkpoint=resume_from)
+        if stop_after is not None and trainer.state.global_step < config.max_steps:
             _remove_lora(peft_model)
-            return TeacherResult(path=checkpoint, layer=layer, threshold=float("nan"), calibration={}, history=history)
-    bar.close()
+            return TeacherResult(path=checkpoints, layer=layer, threshold=float("nan"), calibration={},
+                                 history=refresh.history)
+    history = refresh.history
 
     # Final feature from the trained teacher, then the threshold on the calibration split.
     peft_model.eval()
@@ -319,10 +392,50 @@ def train_teacher(
     }
     path = save_teacher_dir(out, model_spec=str(model_spec), model_hash=model_hash, feature=feature, layer=layer,
                             threshold=threshold, calibration=calibration, adapter_model=peft_model, extra=extra)
-    shutil.rmtree(checkpoint, ignore_errors=True)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     _remove_lora(peft_model)
     return TeacherResult(path=path, layer=layer, threshold=threshold, calibration=calibration, history=history,
                          seconds=seconds)
+
+
+def _teacher_trainer(peft_model, refresh: FeatureRefresh, config: TeacherConfig, layer: int, pad_id: int,
+                     checkpoints: Path, progress: bool, batches: StepBatches) -> TeacherTrainer:
+    """The Trainer for ``config``: a constant learning rate, AdamW without weight decay or gradient
+    clipping, one StepBatches item per micro-batch in order, checkpoints every ``checkpoint_every``."""
+    device = next(peft_model.parameters()).device
+    args = training_arguments(
+        checkpoints, device, progress=progress,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=min(10, config.max_steps),
+        save_steps=config.checkpoint_every,
+        seed=config.seed,
+        train_sampling_strategy="sequential",
+        bf16=False,
+    )
+    batches.length = config.max_steps * config.grad_accum * max(1, args.world_size)
+    trainer = TeacherTrainer(model=peft_model, args=args, train_dataset=batches, data_collator=_one_item,
+                             callbacks=[refresh], refresh=refresh, config=config, layer=layer, pad_id=pad_id)
+    if not progress:
+        silence_log_printing(trainer)
+    return trainer
+
+
+def _resumable_checkpoint(checkpoints: Path, fingerprint: str) -> str | None:
+    """The last checkpoint under ``checkpoints`` if this build (same ``fingerprint``) wrote it whole."""
+    last = latest_checkpoint(checkpoints)
+    if last is None:
+        return None
+    state = Path(last) / STEP_STATE_FILE
+    if not state.is_file() or not (Path(last) / FEATURE_STATE_FILE).is_file():
+        return None
+    return last if json.loads(state.read_text()).get("fingerprint") == fingerprint else None
 
 
 def _remove_lora(peft_model) -> None:

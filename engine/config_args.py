@@ -4,7 +4,7 @@ A field's default, type and help live on the dataclass (``option(default, "help"
 adds them to its parser with ``add_config_arguments`` and turns the parsed namespace back into
 the config with ``config_from_args``, so the CLI and the Python API cannot drift apart. The rules:
 ``--field-name`` for ``field_name`` (or ``flag=``), the annotation's type (``X | None`` parses as
-X), ``choices=`` where given, a field without a default is a required option, and a bool field is
+X, ``tuple[str, ...]`` as a comma-separated list), ``choices=`` where given, a field without a default is a required option, and a bool field is
 a switch (``--name`` for a default of False; for a default of True give ``flag="--no-name"``).
 """
 from __future__ import annotations
@@ -25,8 +25,15 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | No
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def _comma_list(text: str) -> tuple[str, ...]:
+    """``"a, b"`` -> ``("a", "b")``: how a ``tuple[str, ...]`` field is written on the command line."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def _parse_type(annotation: Any) -> Any:
     """``int``, ``float``, ``str`` or ``bool`` from an annotation; ``X | None`` gives X."""
+    if typing.get_origin(annotation) is tuple:
+        return _comma_list
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
         return kinds[0] if len(kinds) == 1 else str

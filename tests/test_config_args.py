@@ -47,3 +47,13 @@ def test_finetune_options_are_the_config_fields():
     args = parser.parse_args(["--data", "d", "--out", "o", "--lambda", "0.5", "--kl", "jsd", "--no-progress"])
     assert config_from_args(FinetuneConfig, args) == FinetuneConfig(data="d", out="o", lam=0.5, kl="jsd", progress=False)
     assert all(f.metadata.get("help") for f in dataclasses.fields(FinetuneConfig))
+
+
+def test_teacher_options_are_the_config_fields():
+    from refteacher.engine.teacher.config import TeacherConfig
+
+    parser = _parser(TeacherConfig)
+    args = parser.parse_args(["--lr", "5e-4", "--lora-targets", "q_proj, v_proj", "--data-seed", "2"])
+    assert config_from_args(TeacherConfig, args) == TeacherConfig(learning_rate=5e-4, lora_targets=("q_proj", "v_proj"),
+                                                                  data_seed=2)
+    assert all(f.metadata.get("help") for f in dataclasses.fields(TeacherConfig))

@@ -5,9 +5,11 @@ import argparse
 import json
 import time
 
+from refteacher.engine import config_args
+from refteacher.engine.config_args import add_config_arguments
 from refteacher.engine.errors import UserError
 from refteacher.engine.modeling.loading import DEFAULT_MODEL, load_model, load_tokenizer
-from refteacher.engine.teacher.config import DEFAULT_TARGET_FPR, TeacherConfig
+from refteacher.engine.teacher.config import TeacherConfig
 from refteacher.engine.teacher.feature import (
     DEFAULT_HARMFUL,
     DEFAULT_HARMLESS,
@@ -71,25 +73,15 @@ def run_feature_cli(args) -> int:
 def config_from_args(args: argparse.Namespace) -> TeacherConfig:
     """Return the TeacherConfig that ``refteacher teacher``'s parsed arguments ask for.
 
-    Raises UserError for a threshold target out of range.
+    ``--target-recall`` replaces the false-positive rule. Raises UserError for a threshold target
+    out of range.
     """
-    if not 0.0 <= args.target_fpr < 1.0:
+    if args.target_fpr is not None and not 0.0 <= args.target_fpr < 1.0:
         raise UserError(f"--target-fpr must be in [0, 1), got {args.target_fpr}")
     if args.target_recall is not None and not 0.0 < args.target_recall <= 1.0:
         raise UserError(f"--target-recall must be in (0, 1], got {args.target_recall}")
-    return TeacherConfig(
-        layer=args.layer, lora_rank=args.lora_rank, learning_rate=args.lr, max_steps=args.max_steps,
-        feature_weight=args.feature_weight, anchor_weight=args.anchor_weight, margin=args.margin,
-        harmful_target=args.harmful_target,
-        threshold_gap=args.threshold_gap, refresh_every=args.refresh_every,
-        calib_fraction=args.calib_fraction, rephrase_per_prompt=args.rephrase, calib_rephrase=args.calib_rephrase,
-        template_harmless=args.template_harmless,
-        target_recall=args.target_recall,
-        target_fpr=None if args.target_recall is not None else args.target_fpr,
-        checkpoint_every=args.checkpoint_every,
-        grad_accum=args.grad_accum,
-        seed=args.seed, data_seed=args.data_seed, threads=args.threads,
-    )
+    overrides = {"target_fpr": None} if args.target_recall is not None else {}
+    return config_args.config_from_args(TeacherConfig, args, **overrides)
 
 
 def _run_teacher(args: argparse.Namespace) -> int:
@@ -112,7 +104,6 @@ def _run_teacher(args: argparse.Namespace) -> int:
 
 def add_teacher_cli(subparsers) -> None:
     """Register ``refteacher teacher``."""
-    C = TeacherConfig  # every default below is the config's
     p = subparsers.add_parser(
         "teacher", help="train a ReFT teacher (LoRA: refusal SFT + feature loss) and calibrate its threshold",
         description=(
@@ -127,50 +118,6 @@ def add_teacher_cli(subparsers) -> None:
     p.add_argument("--harmful", nargs="+", default=[], help="harmful prompt sets (names or files)")
     p.add_argument("--harmless", nargs="+", default=[], help="harmless prompt sets (names or files)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="built-in data held out from building")
-    p.add_argument("--layer", type=int, default=None, help="feature layer N; LoRA goes on decoder layers 1..N, the ones that compute it (default: two thirds of the depth, 20 of 30 for SmolLM2)")
-    p.add_argument("--lora-rank", type=int, default=C.lora_rank, help="LoRA rank")
-    p.add_argument("--lr", type=float, default=C.learning_rate, help="learning rate")
-    p.add_argument("--max-steps", type=int, default=C.max_steps, help="training steps")
-    p.add_argument("--feature-weight", type=float, default=C.feature_weight,
-                   help="lambda, weight of the feature loss beside the CE")
-    p.add_argument("--anchor-weight", type=float, default=C.anchor_weight,
-                   help="weight of a term holding feature-layer states near the untouched model's: it helps on unseen "
-                        "sources the untouched model already separates, and hurts on same-style harmful/harmless pairs "
-                        f"(default {C.anchor_weight}: off)")
-    p.add_argument("--margin", type=float, default=C.margin,
-                   help="harmless prompts are pushed below this cosine")
-    p.add_argument("--threshold-gap", type=float, default=C.threshold_gap,
-                   help="the threshold is never below --margin plus this, whatever the rule picks "
-                        f"(default {C.threshold_gap}; "
-                        "not applied with --anchor-weight, whose harmless scores sit well below the margin)")
-    p.add_argument("--harmful-target", type=float, default=C.harmful_target,
-                   help="harmful prompts are pushed above this cosine (a hinge; 1.0 pushes them all the way, "
-                        f"which fits the training sets' style and generalises worse; default {C.harmful_target})")
-    p.add_argument("--refresh-every", type=int, default=C.refresh_every,
-                   help="steps between re-estimates of the refusal feature from the teacher")
-    p.add_argument("--calib-fraction", type=float, default=C.calib_fraction,
-                   help="share of each set kept out of training to calibrate the threshold")
-    p.add_argument("--rephrase", type=int, default=C.rephrase_per_prompt,
-                   help="rephrasings per training prompt")
-    p.add_argument("--calib-rephrase", type=int, default=C.calib_rephrase,
-                   help="rephrasings per harmful calibration prompt, so the threshold holds across styles")
-    p.add_argument("--template-harmless", type=int, default=C.template_harmless,
-                   help="template-written harmless prompts added")
-    rule = p.add_mutually_exclusive_group()
-    rule.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR,
-                      help=f"threshold: the lowest with this false-positive rate on the harmless calibration prompts "
-                           f"(default {DEFAULT_TARGET_FPR}; it carries over to unseen prompts better than a recall target)")
-    rule.add_argument("--target-recall", type=float, default=None,
-                      help="threshold: the highest keeping this recall on the harmful calibration prompts instead")
-    p.add_argument("--checkpoint-every", type=int, default=C.checkpoint_every,
-                   help="steps between checkpoints (OUT.teacher-checkpoint/checkpoint-N); a rerun resumes from the last")
-    p.add_argument("--grad-accum", type=int, default=C.grad_accum,
-                   help="gradient accumulation: micro-batches of the feature and CE batches per optimizer step")
-    p.add_argument("--seed", type=int, default=C.seed,
-                   help="seed of the LoRA init and the batches, and of the data unless --data-seed is given")
-    p.add_argument("--data-seed", type=int, default=None,
-                   help="seed of the build data alone: the test and calibration splits, template prompts, rephrasings "
-                        "and CE prompts (default: --seed). Two builds differing only in --seed see the same prompts")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_config_arguments(p, TeacherConfig)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_teacher)

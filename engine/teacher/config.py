@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from refteacher.engine.config_args import option
 from refteacher.engine.errors import UserError
 
 DEFAULT_SETS = ("advbench", "harmbench", "matched_pairs", "edgy_benign")
@@ -17,35 +18,50 @@ DEFAULT_TARGET_FPR = 0.05
 class TeacherConfig:
     """Every knob of a teacher build; all of it is written to the manifest."""
 
-    layer: int | None = None          # feature layer; None: two thirds of the depth (20 of 30)
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    learning_rate: float = 1e-3
-    max_steps: int = 60
-    feature_batch: int = 32           # prompts per step for the feature loss (half harmful)
-    ce_batch: int = 8                 # examples per step for the CE loss (half refusals)
-    feature_weight: float = 1.0       # lambda
-    anchor_weight: float = 0.0        # weight of anchor_loss (feature-layer states kept near the untouched model's)
-    margin: float = 0.0               # harmless prompts are pushed to cos <= margin
-    harmful_target: float = 0.5       # harmful prompts are pushed to cos >= harmful_target (a hinge)
-    refresh_every: int = 10           # steps between re-estimates of the feature
-    reference_size: int = 64          # prompts per class for each re-estimate
-    max_prompt_tokens: int = 128
-    answer_tokens: int = 32           # max new tokens of the cached helpful answers
-    calib_fraction: float = 0.25
-    rephrase_per_prompt: int = 3
-    calib_rephrase: int = 5           # rephrasings of each harmful calibration prompt (5: one per form)
-    template_harmless: int = 400
-    ce_harmless: int = 96
-    target_recall: float | None = None  # set: threshold for this recall (overrides target_fpr)
-    target_fpr: float | None = DEFAULT_TARGET_FPR
-    threshold_gap: float = 0.0        # the threshold is at least margin + threshold_gap, unanchored (see train_teacher)
-    checkpoint_every: int = 20        # steps between Trainer checkpoints (checkpoint-N)
-    grad_accum: int = 1               # micro-batches (each feature_batch + ce_batch) per optimizer step
-    seed: int = 0                     # LoRA init, batches, reference sample, refusal wording (and the data, below)
-    data_seed: int | None = None      # calibration split, template prompts, rephrasings, CE prompts; None: seed
-    threads: int | None = None
+    layer: int | None = option(None, "feature layer N; LoRA goes on decoder layers 1..N, the ones that compute it "
+                                     "(default: two thirds of the depth, 20 of 30 for SmolLM2)")
+    lora_rank: int = option(8, "LoRA rank")
+    lora_alpha: float = option(16.0, "LoRA alpha")
+    lora_targets: tuple[str, ...] = option(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                                           "comma-separated module names that get LoRA")
+    learning_rate: float = option(1e-3, "learning rate", flag="--lr")
+    max_steps: int = option(60, "training steps")
+    feature_batch: int = option(32, "prompts per step for the feature loss (half harmful)")
+    ce_batch: int = option(8, "examples per step for the CE loss (half refusals)")
+    feature_weight: float = option(1.0, "lambda, weight of the feature loss beside the CE")
+    anchor_weight: float = option(
+        0.0, "weight of a term holding feature-layer states near the untouched model's: it helps on unseen sources "
+             "the untouched model already separates, and hurts on same-style harmful/harmless pairs (0: off)")
+    margin: float = option(0.0, "harmless prompts are pushed below this cosine")
+    harmful_target: float = option(
+        0.5, "harmful prompts are pushed above this cosine (a hinge; 1.0 pushes them all the way, which fits the "
+             "training sets' style and generalises worse)")
+    refresh_every: int = option(10, "steps between re-estimates of the refusal feature from the teacher")
+    reference_size: int = option(64, "prompts per class for each re-estimate of the feature")
+    max_prompt_tokens: int = option(128, "prompt tokens kept (the last ones) in training and calibration")
+    answer_tokens: int = option(32, "max new tokens of the model's cached helpful answers (CE targets)")
+    calib_fraction: float = option(0.25, "share of each set kept out of training to calibrate the threshold")
+    rephrase_per_prompt: int = option(3, "rephrasings per training prompt", flag="--rephrase")
+    calib_rephrase: int = option(5, "rephrasings per harmful calibration prompt, so the threshold holds across styles")
+    template_harmless: int = option(400, "template-written harmless prompts added")
+    ce_harmless: int = option(96, "harmless prompts answered with the model's own answers in the CE term")
+    target_recall: float | None = option(
+        None, "threshold: the highest keeping this recall on the harmful calibration prompts (replaces --target-fpr)")
+    target_fpr: float | None = option(
+        DEFAULT_TARGET_FPR, "threshold: the lowest with this false-positive rate on the harmless calibration prompts "
+                            "(it carries over to unseen prompts better than a recall target)")
+    threshold_gap: float = option(
+        0.0, "the threshold is never below --margin plus this, whatever the rule picks (not applied with "
+             "--anchor-weight, whose harmless scores sit well below the margin)")
+    checkpoint_every: int = option(20, "steps between checkpoints (OUT.teacher-checkpoint/checkpoint-N); "
+                                       "a rerun resumes from the last")
+    grad_accum: int = option(1, "gradient accumulation: micro-batches of the feature and CE batches per optimizer step")
+    seed: int = option(0, "seed of the LoRA init, the batches, the reference sample and the refusal wording, and of "
+                          "the data unless --data-seed is given")
+    data_seed: int | None = option(
+        None, "seed of the build data alone: the test and calibration splits, template prompts, rephrasings and CE "
+              "prompts (default: --seed). Two builds differing only in --seed see the same prompts")
+    threads: int | None = option(None, "torch CPU threads")
 
     def override(self, key: str, text: str) -> None:
         """Set field ``key`` from command-line text, parsed by the field's declared type.

@@ -4,7 +4,8 @@ A field's default, type and help live on the dataclass (``option(default, "help"
 adds them to its parser with ``add_config_arguments`` and turns the parsed namespace back into
 the config with ``config_from_args``, so the CLI and the Python API cannot drift apart. The rules:
 ``--field-name`` for ``field_name`` (or ``flag=``), the annotation's type (``X | None`` parses as
-X, ``tuple[str, ...]`` as a comma-separated list), ``choices=`` where given, a field without a default is a required option, and a bool field is
+X, ``tuple[str, ...]`` as a comma-separated list, ``list[X]`` as one or more values, repeatable),
+``choices=`` where given, a field without a default is a required option, and a bool field is
 a switch (``--name`` for a default of False; for a default of True give ``flag="--no-name"``).
 """
 from __future__ import annotations
@@ -30,13 +31,22 @@ def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _is_list(annotation: Any) -> bool:
+    """True for ``list[X]`` and ``list[X] | None``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_is_list(a) for a in typing.get_args(annotation))
+    return typing.get_origin(annotation) is list
+
+
 def _parse_type(annotation: Any) -> Any:
     """``int``, ``float``, ``str`` or ``bool`` from an annotation; ``X | None`` gives X."""
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0]
     if typing.get_origin(annotation) is tuple:
         return _comma_list
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return kinds[0] if len(kinds) == 1 else str
+        return _parse_type(kinds[0]) if len(kinds) == 1 else str
     return annotation
 
 
@@ -53,6 +63,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, *,
         kwargs: dict[str, Any] = {"dest": field.name, "help": meta.get("help", "")}
         if kind is bool:
             kwargs["action"] = "store_false" if field.default is True else "store_true"
+        elif _is_list(hints[field.name]):  # --name A B, or --name A --name B
+            kwargs.update(nargs="+", action="extend", type=kind)
+            if meta.get("metavar"):
+                kwargs["metavar"] = meta["metavar"]
         else:
             kwargs["type"] = kind
             if meta.get("choices") is not None:

@@ -57,3 +57,13 @@ def test_teacher_options_are_the_config_fields():
     assert config_from_args(TeacherConfig, args) == TeacherConfig(learning_rate=5e-4, lora_targets=("q_proj", "v_proj"),
                                                                   data_seed=2)
     assert all(f.metadata.get("help") for f in dataclasses.fields(TeacherConfig))
+
+
+def test_list_fields_take_several_values_and_repeat():
+    from refteacher.engine.teacher.config import FeatureConfig
+
+    parser = _parser(FeatureConfig)
+    assert config_from_args(FeatureConfig, parser.parse_args([])) == FeatureConfig()
+    args = parser.parse_args(["--harmful", "a", "b", "--harmful", "c", "--harmless", "d"])
+    config = config_from_args(FeatureConfig, args)
+    assert config.harmful == ["a", "b", "c"] and config.harmless == ["d"]

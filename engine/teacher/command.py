@@ -9,7 +9,7 @@ from refteacher.engine import config_args
 from refteacher.engine.config_args import add_config_arguments
 from refteacher.engine.errors import UserError
 from refteacher.engine.modeling.loading import DEFAULT_MODEL, load_model, load_tokenizer
-from refteacher.engine.teacher.config import TeacherConfig
+from refteacher.engine.teacher.config import FeatureConfig, TeacherConfig
 from refteacher.engine.teacher.feature import (
     DEFAULT_HARMFUL,
     DEFAULT_HARMLESS,
@@ -34,24 +34,13 @@ def add_feature_cli(subparsers) -> None:
             f"Default data: harmful = {', '.join(DEFAULT_HARMFUL)}; harmless = {', '.join(DEFAULT_HARMLESS)}."
         ),
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory, hub id or alias (default {DEFAULT_MODEL})")
-    parser.add_argument("--layer", type=int, default=None, help="use this decoder layer (default: best held-out AUROC)")
-    parser.add_argument("--out", default="feature", help="output directory (default ./feature)")
-    parser.add_argument("--harmful", action="append", default=None, metavar="SET",
-                        help="harmful prompt set: built-in name, .jsonl/.csv/.parquet file or HF dataset (repeatable)")
-    parser.add_argument("--harmless", action="append", default=None, metavar="SET",
-                        help="harmless prompt set, as --harmful (repeatable)")
-    parser.add_argument("--heldout-fraction", type=float, default=0.2, help="share of each set held out for AUROC (default 0.2)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default 0)")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
-    parser.add_argument("--max-tokens", type=int, default=512, help="keep the last N tokens of a prompt (default 512)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
+    add_config_arguments(parser, FeatureConfig)
     parser.set_defaults(func=run_feature_cli)
 
 
 def run_feature_cli(args) -> int:
     """Run ``refteacher feature``; print the table and where the feature went. Returns 0."""
+    args = config_args.config_from_args(FeatureConfig, args)
     harmful, harmless, held_harmful, held_harmless = build_default_split(
         args.harmful or DEFAULT_HARMFUL, args.harmless or DEFAULT_HARMLESS, args.heldout_fraction, args.seed)
     started = time.perf_counter()
@@ -115,8 +104,9 @@ def add_teacher_cli(subparsers) -> None:
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory, hub id or alias (default {DEFAULT_MODEL})")
     p.add_argument("--out", required=True, help="teacher directory to write")
-    p.add_argument("--harmful", nargs="+", default=[], help="harmful prompt sets (names or files)")
-    p.add_argument("--harmless", nargs="+", default=[], help="harmless prompt sets (names or files)")
+    p.add_argument("--harmful", nargs="+", action="extend", default=[],
+                   help="harmful prompt sets: built-in names, files (as `refteacher filter --input`) or hf:NAME")
+    p.add_argument("--harmless", nargs="+", action="extend", default=[], help="harmless prompt sets, as --harmful")
     p.add_argument("--test-fraction", type=float, default=0.2, help="built-in data held out from building")
     add_config_arguments(p, TeacherConfig)
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -9,6 +9,7 @@ from typing import Any
 
 from refteacher.engine.config_args import option
 from refteacher.engine.errors import UserError
+from refteacher.engine.modeling.loading import DEFAULT_MODEL
 
 DEFAULT_SETS = ("advbench", "harmbench", "matched_pairs", "edgy_benign")
 DEFAULT_TARGET_FPR = 0.05
@@ -107,6 +108,26 @@ class TeacherConfig:
         """
         known = {f.name for f in fields(cls)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
+
+
+@dataclass
+class FeatureConfig:
+    """``refteacher feature``: which prompts, which model, how the layer is chosen."""
+
+    model: str = option(DEFAULT_MODEL, "model directory, hub id or alias")
+    out: str = option("feature", "output directory")
+    layer: int | None = option(None, "use this decoder layer (default: best held-out AUROC)")
+    harmful: list[str] | None = option(
+        None, "harmful prompt sets: built-in names, files (as `refteacher filter --input`) or hf:NAME "
+              "(default: the built-in harmful sets)", metavar="SET")
+    harmless: list[str] | None = option(None, "harmless prompt sets, as --harmful (default: the built-in harmless sets)",
+                                        metavar="SET")
+    heldout_fraction: float = option(0.2, "share of each set held out for AUROC")
+    seed: int = option(0, "seed of the held-out split")
+    batch_size: int = option(16, "prompts per forward pass")
+    max_tokens: int = option(512, "keep the last N tokens of a prompt")
+    device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
+    trust_remote_code: bool = option(False, "allow model code from the model directory")
 
 
 @dataclass

@@ -258,12 +258,7 @@ def _has_surrogates(text: str) -> bool:
 
 def parse_row(raw: RawRow, fields: PromptFields = PromptFields()) -> Row:
     """Decode a RawRow and extract its prompts; never raises for bad data (it returns a rejection)."""
-    if isinstance(raw.payload, bytes):
-        record, problem, text = _decode_json_line(raw.payload)
-    elif isinstance(raw.payload, tuple):
-        record, problem, text = _decode_csv_record(*raw.payload)
-    else:
-        record, problem, text = raw.payload, None, None
+    record, problem, text = _decode(raw)
     if problem is not None:
         return Row(raw.id, raw.line, record, reason=problem, raw=text if record is None else None)
     try:
@@ -279,15 +274,19 @@ def read_records(location: str | os.PathLike, fmt: str | None = None, *, split: 
     must be whole, such as the teacher's prompt sets). Same formats and ids as ``open_source``."""
     source = open_source(location, fmt, split=split)
     for raw in iter_raw_rows(source):
-        if isinstance(raw.payload, bytes):
-            record, problem, _ = _decode_json_line(raw.payload)
-        elif isinstance(raw.payload, tuple):
-            record, problem, _ = _decode_csv_record(*raw.payload)
-        else:
-            record, problem = raw.payload, None
+        record, problem, _ = _decode(raw)
         if problem is not None:
             raise UserError(f"{location} row {raw.id} (line {raw.line}): {problem}")
         yield raw.id, record
+
+
+def _decode(raw: RawRow) -> tuple[dict | None, str | None, str | None]:
+    """(record, problem, raw text) of a RawRow in any format: the record, or why it cannot be read."""
+    if isinstance(raw.payload, bytes):
+        return _decode_json_line(raw.payload)
+    if isinstance(raw.payload, tuple):
+        return _decode_csv_record(*raw.payload)
+    return raw.payload, None, None
 
 
 def _decode_json_line(line: bytes) -> tuple[dict | None, str | None, str | None]:

@@ -38,15 +38,16 @@ def _is_list(annotation: Any) -> bool:
     return typing.get_origin(annotation) is list
 
 
-def _parse_type(annotation: Any) -> Any:
-    """``int``, ``float``, ``str`` or ``bool`` from an annotation; ``X | None`` gives X."""
+def text_parser(annotation: Any) -> Any:
+    """The callable that turns command-line text into a value of ``annotation``: ``int``, ``float``,
+    ``str``, ``bool``; ``X | None`` and ``list[X]`` give X's, ``tuple[str, ...]`` a comma-separated list."""
     if typing.get_origin(annotation) is list:
         return typing.get_args(annotation)[0]
     if typing.get_origin(annotation) is tuple:
         return _comma_list
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _parse_type(kinds[0]) if len(kinds) == 1 else str
+        return text_parser(kinds[0]) if len(kinds) == 1 else str
     return annotation
 
 
@@ -58,7 +59,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, *,
         if field.name in skip or not field.init:
             continue
         meta = field.metadata
-        kind = _parse_type(hints[field.name])
+        kind = text_parser(hints[field.name])
         flag = meta.get("flag") or "--" + field.name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": field.name, "help": meta.get("help", "")}
         if kind is bool:

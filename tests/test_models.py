@@ -223,10 +223,9 @@ def test_gguf_alias_builds_cache_then_loads_fast(monkeypatch, tmp_path):
 
 
 def test_unreachable_hub_fails_fast_with_user_error(monkeypatch):
-    import huggingface_hub
-
     import socket
 
+    import huggingface_hub
     import transformers
 
     def no_network(*args, **kwargs):

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from refteacher.engine.config_args import option
+from refteacher.engine.config_args import option, text_parser
 from refteacher.engine.errors import UserError
 from refteacher.engine.modeling.loading import DEFAULT_MODEL
 
@@ -74,18 +74,14 @@ class TeacherConfig:
         if key not in hints:
             raise UserError(f"TeacherConfig has no field {key!r}; fields: {', '.join(hints)}")
         kind = hints[key]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # ``X | None``
-            if text.strip().lower() == "none":
-                setattr(self, key, None)
-                return
-            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        if typing.get_origin(kind) in (typing.Union, types.UnionType) and text.strip().lower() == "none":
+            setattr(self, key, None)  # ``X | None``
+            return
+        parse = text_parser(kind)
         try:
-            if typing.get_origin(kind) is tuple:
-                value = tuple(part.strip() for part in text.split(",") if part.strip())
-            else:
-                value = kind(text)
+            value = parse(text)
         except ValueError:
-            raise UserError(f"{key}: {text!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+            raise UserError(f"{key}: {text!r} is not a valid {getattr(parse, '__name__', parse)}") from None
         setattr(self, key, value)
 
     @property

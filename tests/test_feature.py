@@ -8,18 +8,22 @@ import json
 import pytest
 import torch
 
-from refteacher.engine.data.prompt_sets import PromptRecord
+from refteacher.engine.data.prompt_sets import PromptRecord, load_prompt_set
 from refteacher.engine.errors import UserError
 from refteacher.engine.metrics import auroc
 from refteacher.engine.modeling.chat_prompts import encode_prompts, right_pad
 from refteacher.engine.modeling.forward import hidden_at
 from refteacher.engine.modeling.loading import load_model, load_tokenizer
 from refteacher.engine.teacher.command import add_feature_cli
+from refteacher.engine.teacher.config import DEFAULT_SETS
 from refteacher.engine.teacher.feature import (
+    DEFAULT_HARMFUL,
+    DEFAULT_HARMLESS,
     FEATURE_FILE,
     MANIFEST_FILE,
     RefusalFeature,
     build_default_split,
+    category_directions,
     collect_last_token_states,
     cosine_scores,
     extract_feature,
@@ -159,21 +163,30 @@ def test_save_load_roundtrip(tmp_path):
         RefusalFeature.load(tmp_path / "elsewhere")
 
 
+def test_the_feature_defaults_are_the_default_teachers_sets():
+    def sides(name):
+        return {name} if ":" in name else {f"{name}:harmful", f"{name}:benign"} if name == "matched_pairs" else {name}
+
+    assert set(DEFAULT_HARMFUL) | set(DEFAULT_HARMLESS) == set().union(*(sides(n) for n in DEFAULT_SETS))
+
+
 def test_default_split_is_deterministic_and_disjoint():
     first = build_default_split()
     assert build_default_split() == first
     harmful, harmless, held_harmful, held_harmless = first
-    assert len(harmful) + len(held_harmful) == 150 + 520 + 200
-    assert len(harmless) + len(held_harmless) == 150 + 150
+    sizes = {name: len(load_prompt_set(name)) for name in DEFAULT_HARMFUL + DEFAULT_HARMLESS}
+    assert len(harmful) + len(held_harmful) == sum(sizes[name] for name in DEFAULT_HARMFUL)
+    assert len(harmless) + len(held_harmless) == sum(sizes[name] for name in DEFAULT_HARMLESS)
     assert {r.label for r in harmful + held_harmful} == {"harmful"}
     assert {r.label for r in harmless + held_harmless} == {"benign"}
     assert not {r.prompt for r in harmful} & {r.prompt for r in held_harmful}
-    assert 0.1 < len(held_harmful) / 870 < 0.3 and 0.1 < len(held_harmless) / 300 < 0.3
+    assert 0.1 < len(held_harmful) / (len(harmful) + len(held_harmful)) < 0.3
+    assert 0.1 < len(held_harmless) / (len(harmless) + len(held_harmless)) < 0.3
     # a matched pair is held out whole
     train_groups = {r.group for r in harmful + harmless if r.group}
     held_groups = {r.group for r in held_harmful + held_harmless if r.group}
     assert train_groups and held_groups and not train_groups & held_groups
-    assert {r.source for r in held_harmful} == {"matched_pairs:harmful", "advbench", "harmbench"}
+    assert {r.source for r in held_harmful} == set(DEFAULT_HARMFUL)
     with pytest.raises(UserError, match="--heldout-fraction must be between 0 and 1, got 1.0"):
         build_default_split(heldout_fraction=1.0)
 
@@ -197,3 +210,22 @@ def test_feature_command(tiny_model_dir, tmp_path, capsys):
     counts = feature.stats["prompt_sets"]
     assert counts["harmful"]["count"] + counts["heldout_harmful"]["count"] == 24
 
+
+
+def test_category_directions_tell_kinds_of_harm_apart():
+    generator = torch.Generator().manual_seed(0)
+    hate, privacy = torch.randn(2, 16, generator=generator)
+    shared = 5 * torch.randn(16, generator=generator)  # what every harmful prompt shares
+    states = torch.stack([shared + hate] * 4 + [shared + privacy] * 5 + [shared] * 2 + [shared + privacy])
+    categories = ["hate"] * 4 + ["privacy"] * 5 + [None] * 2 + ["rare"]
+    directions = category_directions(states, categories)
+    assert list(directions) == ["hate", "privacy"]  # "rare" has one prompt: too few for a direction
+    mean = states.double().mean(0)
+    for slug, direction in directions.items():  # orthogonal to the mean harmful state
+        assert abs(float(direction.double() @ mean)) < 1e-9 * float(mean.norm() * direction.double().norm()) + 1e-6
+    for slug, own in (("hate", hate), ("privacy", privacy)):
+        nearest = max(directions, key=lambda s: float(torch.cosine_similarity(shared + own, directions[s], dim=0)))
+        assert nearest == slug
+    assert category_directions(states[:4], ["hate"] * 4) == {}  # nothing to compare with
+    with pytest.raises(ValueError, match="12 states but 3 categories"):
+        category_directions(states, ["hate"] * 3)

@@ -7,9 +7,10 @@ import time
 
 from refteacher.engine import config_args
 from refteacher.engine.config_args import add_config_arguments
+from refteacher.engine.data.prompt_sets import BUILTIN_SETS
 from refteacher.engine.errors import UserError
 from refteacher.engine.modeling.loading import DEFAULT_MODEL, load_model, load_tokenizer
-from refteacher.engine.teacher.config import FeatureConfig, TeacherConfig
+from refteacher.engine.teacher.config import DEFAULT_SETS, FeatureConfig, TeacherConfig
 from refteacher.engine.teacher.feature import (
     DEFAULT_HARMFUL,
     DEFAULT_HARMLESS,
@@ -91,6 +92,16 @@ def _run_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _builtin_sets_help() -> str:
+    """The built-in prompt sets, one line each, and which of them a default build uses."""
+    width = max(len(name) for name in BUILTIN_SETS)
+    lines = ["built-in prompt sets (for --harmful / --harmless; hazard categories: "
+             "engine/data/hazard_taxonomy.py, sources and licenses: docs/prompt_sources.md):"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in BUILTIN_SETS.items()]
+    lines.append(f"default build: {', '.join(DEFAULT_SETS)}")
+    return "\n".join(lines)
+
+
 def add_teacher_cli(subparsers) -> None:
     """Register ``refteacher teacher``."""
     p = subparsers.add_parser(
@@ -101,6 +112,8 @@ def add_teacher_cli(subparsers) -> None:
             "flagging threshold on a held-out split. With no --harmful/--harmless the built-in sets are used "
             "(minus a --test-fraction held out for evaluation). Resumes from its last checkpoint."
         ),
+        epilog=_builtin_sets_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory, hub id or alias (default {DEFAULT_MODEL})")
     p.add_argument("--out", required=True, help="teacher directory to write")

@@ -11,7 +11,10 @@ from refteacher.engine.config_args import option, text_parser
 from refteacher.engine.errors import UserError
 from refteacher.engine.modeling.loading import DEFAULT_MODEL
 
-DEFAULT_SETS = ("advbench", "harmbench", "matched_pairs", "edgy_benign")
+# The built-in prompt sets a default teacher is built from (engine/data/prompt_sets.py): every
+# hazard category on the harmful side, its topics asked harmlessly and everyday requests on the other.
+DEFAULT_SETS = ("advbench", "harmbench", "matched_pairs", "edgy_benign", "pyrit_objectives", "taxonomy_harmful",
+                "topic_harmless", "everyday", "jailbreak_framed")
 DEFAULT_TARGET_FPR = 0.05
 
 
@@ -44,6 +47,9 @@ class TeacherConfig:
     calib_fraction: float = option(0.25, "share of each set kept out of training to calibrate the threshold")
     rephrase_per_prompt: int = option(3, "rephrasings per training prompt", flag="--rephrase")
     calib_rephrase: int = option(5, "rephrasings per harmful calibration prompt, so the threshold holds across styles")
+    calib_max_harmful: int | None = option(
+        1000, "harmful calibration prompts kept (a seeded sample of them and their rephrasings; none: all): "
+              "calibration cost stays bounded as the prompt sets grow")
     template_harmless: int = option(400, "template-written harmless prompts added")
     ce_harmless: int = option(96, "harmless prompts answered with the model's own answers in the CE term")
     target_recall: float | None = option(

@@ -285,8 +285,10 @@ def _auroc_by_source(pos_scores, neg_scores, pos_sources, neg_sources, layers) -
 # Default data and the CLI
 # --------------------------------------------------------------------------------------------
 
-DEFAULT_HARMFUL = ("matched_pairs:harmful", "advbench", "harmbench")
-DEFAULT_HARMLESS = ("matched_pairs:benign", "edgy_benign")
+# The default teacher's sets (teacher.config.DEFAULT_SETS), by side.
+DEFAULT_HARMFUL = ("matched_pairs:harmful", "advbench", "harmbench", "pyrit_objectives", "taxonomy_harmful",
+                   "jailbreak_framed")
+DEFAULT_HARMLESS = ("matched_pairs:benign", "edgy_benign", "topic_harmless", "everyday")
 _PAIR_SIDES = {"matched_pairs:harmful", "matched_pairs:benign"}
 
 
@@ -340,3 +342,30 @@ def format_auroc_table(feature: RefusalFeature) -> str:
 def difference_of_means(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
     """Return mean(harmful) - mean(harmless) [H] float32 from [N, H] and [M, H] hidden states."""
     return (harmful.double().mean(0) - harmless.double().mean(0)).float()
+
+
+def category_directions(harmful: torch.Tensor, categories: Sequence[str | None], *,
+                        min_prompts: int = 4) -> dict[str, torch.Tensor]:
+    """One direction per hazard category: mean of its prompts' states minus the other harmful ones',
+    made orthogonal to the mean harmful state.
+
+    ``harmful`` [N, H] hidden states, ``categories`` their N category slugs (None: unknown, used
+    only on the "other" side). Subtracting the other harmful prompts rather than harmless ones
+    cancels what every harmful prompt shares (the refusal feature itself), so the directions tell
+    kinds of harm apart; and with no component along the mean state, a row's cosine with each
+    direction compares only how the row differs from an average harmful prompt (otherwise the
+    mean's own projection, different for every direction, would decide the nearest). Categories
+    with fewer than ``min_prompts`` prompts, or no other harmful prompts to compare with, get none.
+    Returns {slug: [H] float32}, slugs in first-seen order.
+    """
+    if harmful.shape[0] != len(categories):
+        raise ValueError(f"{harmful.shape[0]} states but {len(categories)} categories")
+    mean = harmful.double().mean(0)
+    unit_mean = mean / mean.norm().clamp_min(1e-12)
+    directions = {}
+    for slug in dict.fromkeys(c for c in categories if c is not None):
+        mine = torch.tensor([c == slug for c in categories])
+        if int(mine.sum()) >= min_prompts and bool((~mine).any()):
+            direction = difference_of_means(harmful[mine], harmful[~mine]).double()
+            directions[slug] = (direction - (direction @ unit_mean) * unit_mean).float()
+    return directions

@@ -56,7 +56,7 @@ from refteacher.engine.modeling.prompt_states import PrefixCache, last_token_sta
 from refteacher.engine.modeling.teacher_dir import save_teacher_dir
 from refteacher.engine.teacher.calibration import calibrate
 from refteacher.engine.teacher.config import DEFAULT_SETS, TeacherConfig, TeacherResult
-from refteacher.engine.teacher.feature import difference_of_means
+from refteacher.engine.teacher.feature import category_directions, difference_of_means
 from refteacher.engine.teacher.objective import anchor_loss, feature_loss, response_ce
 from refteacher.engine.teacher.refusals import refusal_for
 from refteacher.engine.teacher.training_data import build_teacher_data, cached_answers
@@ -253,7 +253,8 @@ def teacher_data_for(config: TeacherConfig, harmful_records: Sequence, harmless_
     return build_teacher_data(
         harmful_records, harmless_records, calib_fraction=config.calib_fraction,
         rephrase_per_prompt=config.rephrase_per_prompt, template_harmless=config.template_harmless,
-        ce_harmless=config.ce_harmless, calib_rephrase=config.calib_rephrase, seed=config.build_data_seed,
+        ce_harmless=config.ce_harmless, calib_rephrase=config.calib_rephrase,
+        calib_max_harmful=config.calib_max_harmful, seed=config.build_data_seed,
     )
 
 
@@ -390,8 +391,10 @@ def train_teacher(
                    "harmful_sources": sorted({r.source for r in harmful_records}),
                    "harmless_sources": sorted({r.source for r in harmless_records})},
     }
+    directions = category_directions(calib_h, data.calib_harmful_categories)
     path = save_teacher_dir(out, model_spec=str(model_spec), model_hash=model_hash, feature=feature, layer=layer,
-                            threshold=threshold, calibration=calibration, adapter_model=peft_model, extra=extra)
+                            threshold=threshold, calibration=calibration, adapter_model=peft_model, extra=extra,
+                            categories=directions)
     shutil.rmtree(checkpoints, ignore_errors=True)
     _remove_lora(peft_model)
     return TeacherResult(path=path, layer=layer, threshold=threshold, calibration=calibration, history=history,

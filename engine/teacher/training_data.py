@@ -23,7 +23,8 @@ class TeacherData:
 
     ``train_*`` feed the feature loss (originals + rephrasings), ``ce_harmless`` are the prompts
     the model answers itself (helpfulness kept), ``calib_*`` pick the threshold (a split the
-    training never saw, plus rephrasings of it written with another template seed).
+    training never saw, plus rephrasings of it written with another template seed), and give each
+    hazard category its direction (``calib_harmful_categories``).
     """
 
     train_harmful: list[str]
@@ -32,6 +33,7 @@ class TeacherData:
     calib_harmless: list[str]
     ce_harmless: list[str]
     counts: dict = field(default_factory=dict)
+    calib_harmful_categories: list[str | None] = field(default_factory=list)  # one per calib_harmful prompt
 
 
 def _split(records, calib_fraction: float, seed: int):
@@ -41,12 +43,17 @@ def _split(records, calib_fraction: float, seed: int):
     return train, calib
 
 
-def _with_rephrasings(prompts: Sequence[str], per_prompt: int, seed: int, forms: Sequence[str] = FORMS) -> list[str]:
-    out = list(prompts)
+def _with_rephrasings(prompts: Sequence[str], per_prompt: int, seed: int, forms: Sequence[str] = FORMS,
+                      tags: Sequence | None = None) -> tuple[list[str], list]:
+    """Return (the prompts then their rephrasings, the tag of each: a rephrasing takes its prompt's)."""
+    tags = list(tags) if tags is not None else [None] * len(prompts)
+    out, out_tags = list(prompts), list(tags)
     if per_prompt > 0:
-        for prompt in prompts:
-            out.extend(text for _, text in rephrasings(prompt, forms=forms, count=per_prompt, seed=seed))
-    return out
+        for prompt, tag in zip(prompts, tags):
+            extra = [text for _, text in rephrasings(prompt, forms=forms, count=per_prompt, seed=seed)]
+            out.extend(extra)
+            out_tags.extend([tag] * len(extra))
+    return out, out_tags
 
 
 def build_teacher_data(
@@ -58,6 +65,7 @@ def build_teacher_data(
     template_harmless: int = 400,
     ce_harmless: int = 96,
     calib_rephrase: int = len(FORMS),
+    calib_max_harmful: int | None = None,
     seed: int = 0,
 ) -> TeacherData:
     """Assemble the teacher's prompt lists from labelled PromptRecords.
@@ -68,8 +76,9 @@ def build_teacher_data(
     of them go to calibration). Calibration prompts get one rephrasing each with a different
     template seed. Harmful calibration prompts get ``calib_rephrase`` rephrasings each (default:
     one in every form), so the recall rule holds across styles rather than only for the sets' own
-    phrasing (the threshold then carries over to prompts worded unlike the training sets).
-    Raises UserError when a class is empty.
+    phrasing (the threshold then carries over to prompts worded unlike the training sets). When
+    there are more than ``calib_max_harmful`` harmful calibration prompts, a seeded sample of that
+    many is kept (in order). Raises UserError when a class is empty.
     """
     if not harmful_records or not harmless_records:
         raise UserError("the teacher needs both harmful and harmless prompts; check the prompt sets given")
@@ -78,10 +87,14 @@ def build_teacher_data(
     templates = benign_prompts(template_harmless, seed=seed) if template_harmless > 0 else []
     n_template_calib = int(round(len(templates) * calib_fraction)) if calib_fraction > 0 else 0
     t_calib, t_train = templates[:n_template_calib], templates[n_template_calib:]
-    train_harmful = _with_rephrasings([r.prompt for r in h_train], rephrase_per_prompt, seed)
-    train_harmless = _with_rephrasings([r.prompt for r in b_train], rephrase_per_prompt, seed) + t_train
-    calib_harmful = _with_rephrasings([r.prompt for r in h_calib], calib_rephrase, seed + 1)
-    calib_harmless = _with_rephrasings([r.prompt for r in b_calib], 1, seed + 1) + t_calib
+    train_harmful, _ = _with_rephrasings([r.prompt for r in h_train], rephrase_per_prompt, seed)
+    train_harmless = _with_rephrasings([r.prompt for r in b_train], rephrase_per_prompt, seed)[0] + t_train
+    calib_harmful, calib_categories = _with_rephrasings([r.prompt for r in h_calib], calib_rephrase, seed + 1,
+                                                        tags=[getattr(r, "category", None) for r in h_calib])
+    if calib_max_harmful is not None and len(calib_harmful) > calib_max_harmful:
+        kept = sorted(random.Random(f"calib-harmful-{seed}").sample(range(len(calib_harmful)), calib_max_harmful))
+        calib_harmful, calib_categories = [calib_harmful[i] for i in kept], [calib_categories[i] for i in kept]
+    calib_harmless = _with_rephrasings([r.prompt for r in b_calib], 1, seed + 1)[0] + t_calib
     rng = random.Random(f"ce-harmless-{seed}")
     pool = [r.prompt for r in b_train] + t_train
     ce = rng.sample(pool, min(ce_harmless, len(pool)))
@@ -91,7 +104,7 @@ def build_teacher_data(
         "calib_harmful": len(calib_harmful), "calib_harmless": len(calib_harmless),
         "template_harmless": len(templates), "ce_harmless": len(ce),
     }
-    return TeacherData(train_harmful, train_harmless, calib_harmful, calib_harmless, ce, counts)
+    return TeacherData(train_harmful, train_harmless, calib_harmful, calib_harmless, ce, counts, calib_categories)
 
 
 def cached_answers(

@@ -10,6 +10,10 @@ feature, in one process:
   template, length-sorted batches of ``--batch-tokens``, forward stopped at the feature layer,
   fused scoring, the three output files with checkpoints).
 
+A third side, ``filter_categories``, runs the filter with one direction per hazard category
+(18, random: the cost does not depend on what they are) scored in the same fused pass, so a
+flagged row also gets its ``_category``; its cost is reported against the plain filter's rows/s.
+
 The teacher is the untouched default model with a difference-of-means feature at ``--layer``
 (default: the middle layer), built by ``build_speed_teacher``; speed does not depend on how good
 the feature is. The scores of both sides must agree within 1e-3. Run with ``--quick`` for a short
@@ -25,6 +29,7 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,6 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import environment, format_table, peak_memory, write_json  # noqa: E402
 
+from refteacher.engine.data.hazard_taxonomy import CATEGORY_SLUGS
 from refteacher.engine.data.readers import open_source
 from refteacher.engine.filter.run import run_filter
 from refteacher.engine.filter.scoring import FilterOptions
@@ -168,7 +174,10 @@ def main() -> int:
         naive_scores(model, tokenizer, feature, layer, prompts[:8], args.naive_batch_size)  # warm-up
         filter_scores(teacher, warm, tmp / "warm_out", options)
 
-        result: dict = {"naive_s": float("inf"), "filter_s": float("inf")}
+        result: dict = {"naive_s": float("inf"), "filter_s": float("inf"), "categories_s": float("inf")}
+        generator = torch.Generator().manual_seed(0)
+        categorised = replace(teacher, categories=CATEGORY_SLUGS, category_directions=torch.randn(
+            len(CATEGORY_SLUGS), feature.numel(), generator=generator).to(feature.device))
 
         def run_naive() -> None:
             start = time.perf_counter()
@@ -181,15 +190,24 @@ def main() -> int:
             result["filter"], result["report"] = filter_scores(teacher, data, tmp / "out", options)
             result["filter_s"] = min(result["filter_s"], time.perf_counter() - start)
 
+        def run_categories_side() -> None:
+            start = time.perf_counter()
+            result["categories"], result["categories_report"] = filter_scores(categorised, data, tmp / "out_cat",
+                                                                              options)
+            result["categories_s"] = min(result["categories_s"], time.perf_counter() - start)
+
         # the filter first: the CPU figure is resident-set growth, and the naive side's far larger
         # buffers (all hidden states, full logits) would otherwise leave a heap the filter reuses
         filter_peak = peak_memory(run_filter_side, device)
+        run_categories_side()
         naive_peak = peak_memory(run_naive, device)
         for _ in range(repeat - 1):  # A B B A ...: both sides see the same drift in machine load
             run_naive()
+            run_categories_side()
             run_filter_side()
 
     diff = max(abs(a - b) for a, b in zip(result["naive"], result["filter"]))
+    same_verdicts = result["categories"] == result["filter"]  # the categories never move a score
     report = result["report"]
     figures = {
         "benchmark": "filter",
@@ -213,6 +231,14 @@ def main() -> int:
             "batch_tokens": report["settings"]["batch_tokens"],
             "peak_memory_mb": round(filter_peak / 2**20, 1),
         },
+        "filter_categories": {
+            "seconds": round(result["categories_s"], 3),
+            "rows_per_s": round(rows / result["categories_s"], 3),
+            "categories": len(CATEGORY_SLUGS),
+            "flagged_by_category": result["categories_report"]["flagged_by_category"],
+        },
+        "category_cost": round(1.0 - result["filter_s"] / result["categories_s"], 4),
+        "category_scores_equal": same_verdicts,
         "repeat": repeat,
         "speedup": round(result["naive_s"] / result["filter_s"], 3),
         "max_abs_score_diff": diff,
@@ -224,15 +250,16 @@ def main() -> int:
     table = [
         {"side": "naive", **{k: figures["naive"][k] for k in ("seconds", "rows_per_s", "padded_tokens", "peak_memory_mb")}},
         {"side": "filter", **{k: figures["filter"][k] for k in ("seconds", "rows_per_s", "padded_tokens", "peak_memory_mb")}},
+        {"side": "filter + 18 categories", **{k: figures["filter_categories"][k] for k in ("seconds", "rows_per_s")}},
     ]
     print(format_table(table, ["side", "seconds", "rows_per_s", "padded_tokens", "peak_memory_mb"]))
     print(f"speedup {figures['speedup']:.2f}x on {rows} prompts, layer {figures['layer']}/{figures['num_layers']}, "
           f"max |score diff| {diff:.2e} ({'agree' if figures['scores_agree'] else 'DISAGREE'} within {AGREEMENT}); "
           f"load average {figures['load_average_before'][0]} -> {figures['load_average_after'][0]} "
-          f"on {figures['environment']['device']}")
+          f"on {figures['environment']['device']}; category scores cost {figures['category_cost']:.1%} of rows/s")
     if args.json:
         write_json(args.json, figures)
-    return 0 if figures["scores_agree"] else 1
+    return 0 if figures["scores_agree"] and same_verdicts else 1
 
 
 if __name__ == "__main__":

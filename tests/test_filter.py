@@ -327,3 +327,60 @@ def test_empty_input_gives_empty_files_and_a_zero_report(teacher, tmp_path):
     report = run_filter(teacher, open_source(str(empty)), tmp_path / "out", progress=False)
     assert report["counts"]["input_rows"] == 0 and report["scores"]["count"] == 0
     assert all((tmp_path / "out" / name).read_bytes() == b"" for name in OUTPUTS)
+
+
+@pytest.fixture(scope="module")
+def category_teacher(tiny_teacher_dir, tmp_path_factory):
+    """The tiny teacher plus three random category directions."""
+    from refteacher.engine.modeling.teacher_dir import save_teacher_dir
+
+    base = load_teacher(tiny_teacher_dir, device="cpu")
+    generator = torch.Generator().manual_seed(7)
+    directions = {slug: torch.randn(base.feature.numel(), generator=generator)
+                  for slug in ("hate", "privacy", "jailbreak")}
+    path = save_teacher_dir(tmp_path_factory.mktemp("teachers") / "categories", model_spec=base.manifest["model"],
+                            model_hash="tiny", feature=base.feature, layer=base.layer, threshold=base.threshold,
+                            categories=directions)
+    return load_teacher(path, device="cpu"), directions
+
+
+def test_flagged_rows_name_the_nearest_category_and_the_report_counts_them(teacher, category_teacher, tmp_path):
+    with_categories, directions = category_teacher
+    assert with_categories.categories == ("hate", "privacy", "jailbreak")
+    assert with_categories.score_features().shape == (4, teacher.feature.numel())
+    path = write_dataset(tmp_path / "in.jsonl", 40)
+    options = FilterOptions(batch_tokens=256, window_rows=16)
+    plain = run_filter(teacher, open_source(str(path)), tmp_path / "plain", options, progress=False)
+    report = run_filter(with_categories, open_source(str(path)), tmp_path / "cat", options, progress=False)
+    assert report["counts"] == plain["counts"]  # the verdict is the refusal feature's alone
+    flagged = read_jsonl(tmp_path / "cat" / "flagged.jsonl")
+    assert flagged and all("_category" not in r for r in read_jsonl(tmp_path / "cat" / "kept.jsonl"))
+    for row in flagged:  # the category is the direction nearest the row's highest-scoring prompt
+        prompts = ([m["content"] for m in row["messages"] if m["role"] == "user"] if "messages" in row
+                   else [row["prompt"]])
+        scores = score_prompts(teacher, prompts, max_prompt_tokens=None)
+        best = prompts[max(range(len(prompts)), key=scores.__getitem__)]
+        messages = [{"role": "user", "content": best}]
+        text = teacher.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = teacher.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hidden = teacher.model(input_ids=ids, output_hidden_states=True).hidden_states[teacher.layer][0, -1]
+        nearest = max(directions, key=lambda slug: F.cosine_similarity(hidden, directions[slug], dim=0).item())
+        assert row["_category"] == nearest
+    counts = report["flagged_by_category"]
+    assert sum(counts.values()) == report["counts"]["flagged"] == len(flagged)
+    assert counts == {slug: sum(r["_category"] == slug for r in flagged) for slug in counts}
+    assert "flagged_by_category" in plain and plain["flagged_by_category"] == {}
+
+
+def test_a_teacher_whose_directions_do_not_match_its_manifest_is_refused(category_teacher, tmp_path):
+    import shutil
+
+    with_categories, _ = category_teacher
+    broken = tmp_path / "broken"
+    shutil.copytree(with_categories.path, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["categories"] = manifest["categories"][:2]
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="lacks the directions of the manifest's 2 categories"):
+        load_teacher(broken, device="cpu")

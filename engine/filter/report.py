@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -62,10 +62,12 @@ class FilterTally:
     reasons: dict[str, int] = field(default_factory=dict)
     hist_kept: dict[str, int] = field(default_factory=dict)
     hist_flagged: dict[str, int] = field(default_factory=dict)
+    flagged_categories: dict[str, int] = field(default_factory=dict)
 
     def add_row(self, status: str, score: float | None = None, reason: str | None = None,
-                truncated: bool = False) -> None:
-        """Count one row with its verdict (``kept`` / ``flagged`` / ``rejected``)."""
+                truncated: bool = False, category: str | None = None) -> None:
+        """Count one row with its verdict (``kept`` / ``flagged`` / ``rejected``) and, for a flagged
+        row, its hazard category."""
         self.rows += 1
         setattr(self, status, getattr(self, status) + 1)
         self.truncated += bool(truncated)
@@ -73,6 +75,8 @@ class FilterTally:
             kind = reason_kind(reason or "unknown")
             self.reasons[kind] = self.reasons.get(kind, 0) + 1
             return
+        if category is not None:
+            self.flagged_categories[category] = self.flagged_categories.get(category, 0) + 1
         hist = self.hist_kept if status == "kept" else self.hist_flagged
         key = str(score_bin(score))
         hist[key] = hist.get(key, 0) + 1
@@ -86,8 +90,9 @@ class FilterTally:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "FilterTally":
-        """Rebuild a tally from ``to_json`` output."""
-        return cls(**data)
+        """Rebuild a tally from ``to_json`` output (one written before a field existed takes its default)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     @classmethod
     def combine(cls, tallies: Iterable["FilterTally"]) -> "FilterTally":
@@ -99,7 +104,8 @@ class FilterTally:
                 setattr(total, name, getattr(total, name) + getattr(t, name))
             total.score_sum += t.score_sum
             for mine, theirs in ((total.reasons, t.reasons), (total.hist_kept, t.hist_kept),
-                                 (total.hist_flagged, t.hist_flagged)):
+                                 (total.hist_flagged, t.hist_flagged),
+                                 (total.flagged_categories, t.flagged_categories)):
                 for key, count in theirs.items():
                     mine[key] = mine.get(key, 0) + count
             for name, pick in (("score_min", min), ("score_max", max)):
@@ -162,6 +168,7 @@ def build_report(tally: FilterTally, *, threshold: float, threshold_source: str,
             "prompts_scored": tally.prompts,
         },
         "flagged_fraction": round(tally.flagged / scored, 6) if scored else None,
+        "flagged_by_category": dict(sorted(tally.flagged_categories.items(), key=lambda kv: (-kv[1], kv[0]))),
         "rejected_reasons": dict(sorted(tally.reasons.items())),
         "scores": {
             "count": scored,

@@ -38,14 +38,13 @@ checkpointing and report). The ``filter`` command is in filter/command.py.
 from __future__ import annotations
 
 import json
-import math
 import os
 import queue
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from tqdm import tqdm
@@ -75,7 +74,8 @@ class Verdict:
 
     ``status`` is ``kept``, ``flagged`` or ``rejected``; ``score`` the row's score (None when
     rejected); ``reason`` why it was rejected; ``record`` the row as read (None if unreadable, then
-    ``raw`` holds its text); ``tokens`` the prompt tokens scored.
+    ``raw`` holds its text); ``tokens`` the prompt tokens scored; ``category`` for a flagged row of a
+    teacher with category directions, the hazard category nearest its flagged prompt.
     """
 
     id: int
@@ -87,6 +87,7 @@ class Verdict:
     record: dict | None = None
     raw: str | None = None
     tokens: int = 0
+    category: str | None = None
 
     def output_record(self) -> dict[str, Any]:
         """Return the row as written to its output file: the record unchanged plus ``_id``, ``_score``..."""
@@ -99,6 +100,8 @@ class Verdict:
                 out["_raw"] = self.raw
             return out
         out["_score"] = self.score
+        if self.category is not None:
+            out["_category"] = self.category
         if self.truncated:
             out["_truncated"] = True
         return out
@@ -122,11 +125,19 @@ class WindowResult:
     padded_tokens: int = 0
 
 
+def _nearest_category(categories: Sequence[str], cosines: Sequence[float]) -> str | None:
+    """The category whose direction is nearest (highest cosine); None for a teacher without any."""
+    if not categories:
+        return None
+    return categories[max(range(len(categories)), key=lambda k: cosines[k])]
+
+
 def _score_window(teacher, window: _Window, threshold: float, device: torch.device) -> WindowResult:
     """Score every batch of a prepared window and return the rows' verdicts in input order."""
-    unit_scores: list[float | None] = [None] * len(window.unit_rows)
+    unit_scores: list[list[float] | None] = [None] * len(window.unit_rows)
     row_failure: dict[int, str] = {}
     result = WindowResult(window.index, [])
+    features = teacher.score_features()  # [1 + K, H]: the verdict's feature, then the categories'
     prefix: PrefixCache | Exception | None
     try:
         prefix = _prefix_cache(teacher.model, window, teacher.layer)
@@ -136,7 +147,7 @@ def _score_window(teacher, window: _Window, threshold: float, device: torch.devi
         try:
             if isinstance(prefix, Exception):
                 raise prefix
-            values = _score_batch(teacher.model, teacher.feature, teacher.layer, batch, device, prefix)
+            values = _score_batch(teacher.model, features, teacher.layer, batch, device, prefix)
         except Exception as err:  # fail closed: these rows go to rejected, never to kept
             reason = f"scoring failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
             for unit in batch.units:
@@ -147,22 +158,24 @@ def _score_window(teacher, window: _Window, threshold: float, device: torch.devi
         result.prompts += len(batch.units)
         result.tokens += batch.tokens
         result.padded_tokens += batch.padded_tokens
-    row_scores: dict[int, float] = {}
+    row_best: dict[int, list[float]] = {}  # the scores of the row's highest-scoring prompt
     row_truncated: dict[int, bool] = {}
-    row_tokens: dict[int, int] = {}
     for unit, pos in enumerate(window.unit_rows):
-        if unit_scores[unit] is not None:
-            row_scores[pos] = max(row_scores.get(pos, -math.inf), unit_scores[unit])
+        values = unit_scores[unit]
+        if values is not None and (pos not in row_best or values[0] > row_best[pos][0]):
+            row_best[pos] = values
         row_truncated[pos] = row_truncated.get(pos, False) or window.unit_truncated[unit]
     for pos, row in enumerate(window.rows):
         reason = row.reason or row_failure.get(pos)
         if reason is not None:
             verdict = Verdict(row.id, row.line, "rejected", reason=reason, record=row.record, raw=row.raw)
         else:
-            score = round(row_scores[pos], 6)
+            best = row_best[pos]
+            score = round(best[0], 6)
             status = "flagged" if score >= threshold else "kept"
+            category = _nearest_category(teacher.categories, best[1:]) if status == "flagged" else None
             verdict = Verdict(row.id, row.line, status, score=score, truncated=row_truncated.get(pos, False),
-                              record=row.record)
+                              record=row.record, category=category)
         result.verdicts.append(verdict)
     return result
 
@@ -322,7 +335,7 @@ def run_filter(teacher, source: Source, out_dir: str | os.PathLike, options: Fil
             for result in iter_windows(teacher, source, options, start_window=tally.next_window):
                 for verdict in result.verdicts:
                     files.append(verdict.status + ".jsonl", verdict.output_line())
-                    tally.add_row(verdict.status, verdict.score, verdict.reason, verdict.truncated)
+                    tally.add_row(verdict.status, verdict.score, verdict.reason, verdict.truncated, verdict.category)
                 tally.prompts += result.prompts
                 tally.tokens += result.tokens
                 tally.padded_tokens += result.padded_tokens

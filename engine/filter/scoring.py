@@ -210,11 +210,13 @@ def _prefix_cache(model, window: _Window, layer: int) -> PrefixCache | None:
     return PrefixCache(model, window.prefix, layer) if window.prefix else None
 
 
-def _score_batch(model, feature: torch.Tensor, layer: int, batch: _Batch, device: torch.device,
-                 prefix: PrefixCache | None = None) -> list[float]:
-    """Run one batch to the feature layer and return its scores (float per unit). May raise.
+def _score_batch(model, features: torch.Tensor, layer: int, batch: _Batch, device: torch.device,
+                 prefix: PrefixCache | None = None) -> list[list[float]]:
+    """Run one batch to the feature layer and return each unit's cosines against ``features``. May raise.
 
-    ``prefix``: the cache of the tokens cut from the front of every row of a padded batch.
+    ``features`` [C, H]: the refusal feature first, then any category directions, all scored in one
+    fused cosine pass. Returns one list of C floats per unit. ``prefix``: the cache of the tokens
+    cut from the front of every row of a padded batch.
     """
     input_ids = batch.input_ids.to(device, non_blocking=True)
     mask = batch.attention_mask.to(device, non_blocking=True) if batch.attention_mask is not None else None
@@ -224,7 +226,7 @@ def _score_batch(model, feature: torch.Tensor, layer: int, batch: _Batch, device
         if prefix is not None:  # a window with a prefix keeps every batch's mask
             mask, decoder_kwargs = prefix.continue_with(mask)
         hidden = forward_to_layers(model, input_ids, mask, [layer], decoder_kwargs=decoder_kwargs)[0]
-        scores = refusal_scores(hidden, feature, last)
+        scores = refusal_scores(hidden, features, last)
     else:
         position_ids = batch.position_ids.to(device, non_blocking=True)
 
@@ -237,11 +239,11 @@ def _score_batch(model, feature: torch.Tensor, layer: int, batch: _Batch, device
             hidden = forward_to_layer(model, input_ids, None, layer)  # [1, sum, H]
         finally:
             handle.remove()
-        scores = refusal_scores(hidden[0].index_select(0, last), feature, None)
-    values = scores.float().cpu().tolist()
-    if not all(math.isfinite(v) for v in values):
+        scores = refusal_scores(hidden[0].index_select(0, last), features, None)
+    scores = scores.float().cpu()
+    if not bool(torch.isfinite(scores).all()):
         raise FloatingPointError("the model produced a non-finite score")
-    return values
+    return scores.tolist()
 
 
 def score_prompts(teacher, prompts: Sequence[Prompt], *, batch_tokens: int | None = None,
@@ -263,7 +265,7 @@ def score_prompts(teacher, prompts: Sequence[Prompt], *, batch_tokens: int | Non
     with torch.inference_mode():
         prefix = _prefix_cache(teacher.model, window, teacher.layer)
         for batch in window.batches:
-            for unit, value in zip(batch.units, _score_batch(teacher.model, teacher.feature, teacher.layer, batch,
-                                                             device, prefix)):
-                scores[window.unit_rows[unit]] = value
+            for unit, values in zip(batch.units, _score_batch(teacher.model, teacher.feature[None], teacher.layer,
+                                                              batch, device, prefix)):
+                scores[window.unit_rows[unit]] = values[0]
     return scores

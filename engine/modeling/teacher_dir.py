@@ -5,7 +5,10 @@ Layout of a teacher directory::
     DIR/manifest.json        {"format": "refteacher.teacher/1", "model": spec, "model_hash": ...,
                               "layer": L, "position": -1, "threshold": x, "calibration": {...},
                               "adapter": "adapter" | null, ...any extra figures}
-    DIR/feature.safetensors  {"feature": float32 [H]}: the refusal feature at layer L
+    DIR/feature.safetensors  {"feature": float32 [H]}: the refusal feature at layer L, and
+                             {"category_directions": float32 [K, H]} when the manifest lists
+                             K ``categories``: one direction per hazard category, which tells
+                             why a row was flagged (the verdict stays the feature's)
     DIR/adapter/             the teacher's peft LoRA adapter (absent for an untrained teacher)
 
 Nothing is loaded with pickle. ``manifest_sha256`` identifies a teacher in reports.
@@ -48,6 +51,14 @@ class Teacher:
     path: Path
     position: int = -1
     extra: dict[str, Any] = field(default_factory=dict)
+    categories: tuple[str, ...] = ()
+    category_directions: torch.Tensor | None = None  # float32 [K, H], on the model's device
+
+    def score_features(self) -> torch.Tensor:
+        """The directions one fused cosine pass scores: the feature, then each category's; [1 + K, H]."""
+        if self.category_directions is None:
+            return self.feature[None]
+        return torch.cat([self.feature[None], self.category_directions], dim=0)
 
 
 def save_teacher_dir(
@@ -61,20 +72,29 @@ def save_teacher_dir(
     calibration: dict[str, Any] | None = None,
     adapter_model: Any | None = None,
     extra: dict[str, Any] | None = None,
+    categories: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a teacher directory atomically and return its path.
 
     ``feature`` is a [H] tensor (stored float32); ``adapter_model`` a peft model whose adapter is
     saved under ``adapter/`` (None for a teacher that is the bare model). ``extra`` is merged into
-    the manifest (training figures, input hashes). An existing directory is replaced whole.
+    the manifest (training figures, input hashes). ``categories`` maps hazard-category slugs to
+    their [H] directions. An existing directory is replaced whole.
     """
     out = Path(out_dir)
     if feature.dim() != 1 or feature.numel() == 0:
         raise ValueError(f"feature must be a non-empty 1-D tensor, got shape {tuple(feature.shape)}")
+    categories = categories or {}
+    if any(d.shape != feature.shape for d in categories.values()):
+        raise ValueError("every category direction must have the feature's shape")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_file({"feature": feature.detach().to("cpu", torch.float32).contiguous()}, str(tmp / FEATURE_FILE))
+        tensors = {"feature": feature.detach().to("cpu", torch.float32).contiguous()}
+        if categories:
+            tensors["category_directions"] = torch.stack(
+                [d.detach().to("cpu", torch.float32) for d in categories.values()]).contiguous()
+        save_file(tensors, str(tmp / FEATURE_FILE))
         if adapter_model is not None:
             adapter_model.save_pretrained(str(tmp / ADAPTER_DIR))
         manifest = {
@@ -87,6 +107,7 @@ def save_teacher_dir(
             "threshold": float(threshold),
             "calibration": calibration or {},
             "adapter": ADAPTER_DIR if adapter_model is not None else None,
+            "categories": list(categories),
             **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -135,7 +156,13 @@ def load_teacher(
     feature_path = path / FEATURE_FILE
     if not feature_path.is_file():
         raise UserError(f"{path} has no {FEATURE_FILE}; rebuild the teacher")
-    feature = load_file(str(feature_path))["feature"].to(torch.float32)
+    tensors = load_file(str(feature_path))
+    feature = tensors["feature"].to(torch.float32)
+    categories = tuple(manifest.get("categories") or ())
+    directions = tensors.get("category_directions")
+    if categories and (directions is None or tuple(directions.shape) != (len(categories), feature.numel())):
+        raise UserError(f"{path}: {FEATURE_FILE} lacks the directions of the manifest's {len(categories)} "
+                        "categories; rebuild the teacher")
     spec = manifest["model"]
     model = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(spec, trust_remote_code=trust_remote_code)
@@ -165,4 +192,6 @@ def load_teacher(
         manifest_sha256=digest,
         path=path,
         position=int(manifest.get("position", -1)),
+        categories=categories,
+        category_directions=directions.to(device_of_model, torch.float32) if categories else None,
     )

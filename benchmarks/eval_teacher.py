@@ -1,13 +1,20 @@
 """The README quality table: the raw difference-of-means feature of the untouched model against the
-trained ReFT teacher, in distribution and leave-one-source-out, on prompts never used to build.
+trained ReFT teacher, in distribution, leave-one-source-out and leave-one-category-out, on prompts
+never used to build. The data is the default teacher's (``teacher.config.DEFAULT_SETS``).
 
-Folds (test = 20% held-out split of every set, by content hash; pairs stay together):
+Folds (test = 20% held-out split of every set, by content hash; pairs and templates stay together):
 
-- ``in_dist``:      build on the build split of all four sets; test on the test split.
-- ``no_harmbench``: build on AdvBench + matched pairs only; test harmful = all of HarmBench,
+- ``in_dist``:      build on the build split of every set; test on the test split.
+- ``no_harmbench``: build without HarmBench and edgy_benign; test harmful = all of HarmBench,
                     harmless = all of edgy_benign (both sources left out of building).
-- ``no_matched``:   build on AdvBench + HarmBench + edgy_benign; test on both sides of the matched
-                    pairs (left out); FPR on edgy_benign from its held-out test split.
+- ``no_matched``:   build without the matched pairs; test on both sides of them (left out); FPR on
+                    edgy_benign from its held-out test split.
+- ``no:CATEGORY`` (``categories``: all of them): build without one hazard category -- its harmful
+                    prompts and its topic-matched harmless ones -- and test on them, with false
+                    positives on a fixed everyday test set held out of every build; over ``--seeds``,
+                    mean and worst. ``no:jailbreak`` holds out framings (templates) rather than a topic.
+                    The raw feature runs on every fold and seed (untouched-model states are computed
+                    once); ``--teacher-folds`` also trains teachers, ``--teacher-seeds`` on which seeds.
 
 For each fold and each filter: AUROC (test harmful vs test harmless), recall of test harmful at
 the calibrated threshold (the teacher's rule on the build's calibration split: by default false-positive
@@ -33,6 +40,171 @@ from pathlib import Path
 import torch
 
 FOLDS = ("in_dist", "no_harmbench", "no_matched")
+CATEGORY_FOLD = "no:"  # "no:hate" leaves the hate category out of building; "categories" means every one
+EVERYDAY_SPLIT_SEED = 1000  # the everyday test rows: held out of every build, the same for every seed
+
+
+def category_fold_data(records, category: str, seed: int = 0):
+    """(build harmful, build harmless, test harmful, topic-matched test harmless, everyday test) of a
+    leave-one-category-out fold.
+
+    Every row of ``category`` (its harmful prompts and its topic-matched harmless ones) is left out
+    of building and tested on, with the fixed everyday test rows; the rest of the seed's build
+    split builds. ``jailbreak`` is a framing, not a topic: its fold builds on the framings (pyrit
+    templates) of the build split and tests on the templates held out.
+    """
+    from refteacher.engine.data.prompt_sets import split_records
+
+    build, test = split_records(records, [0.8, 0.2], seed=seed + 1000)
+    everyday_test = split_records([r for r in records if r.source == "everyday"], [0.8, 0.2],
+                                  seed=EVERYDAY_SPLIT_SEED)[1]
+    held = {r.prompt for r in everyday_test}
+    if category == "jailbreak":
+        out = [r for r in test if r.category == "jailbreak"]
+    else:
+        out = [r for r in records if r.category == category]
+    left_out = {r.prompt for r in out} | held
+    kept = [r for r in build if r.category != category and r.prompt not in left_out]
+    return ([r for r in kept if r.label == "harmful"], [r for r in kept if r.label == "benign"],
+            [r for r in out if r.label == "harmful"], [r for r in out if r.label == "benign"], everyday_test)
+
+
+class StateCache:
+    """Last-token states of the untouched model at one layer, computed once per distinct prompt:
+    every fold and seed of the raw feature reuses them."""
+
+    def __init__(self, model, tokenizer, layer: int, max_tokens: int):
+        self.model, self.tokenizer, self.layer, self.max_tokens = model, tokenizer, layer, max_tokens
+        self.states: dict[str, torch.Tensor] = {}
+
+    def __call__(self, prompts) -> torch.Tensor:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self.states))
+        if missing:
+            for prompt, state in zip(missing, _hidden(self.model, self.tokenizer, missing, self.layer,
+                                                      self.max_tokens)):
+                self.states[prompt] = state
+        if not prompts:
+            return torch.zeros(0, next(iter(self.states.values())).numel() if self.states else 1)
+        return torch.stack([self.states[p] for p in prompts])
+
+
+def raw_feature_fold(states: StateCache, bh, bb, config):
+    """The raw difference-of-means feature of the untouched model built on (bh, bb) and calibrated
+    like the teacher (its split, calibration prompts and rule); returns (feature [H], threshold)."""
+    from dataclasses import replace
+
+    from refteacher.engine.teacher.calibration import calibrate
+    from refteacher.engine.teacher.feature import difference_of_means
+    from refteacher.engine.teacher.training import teacher_data_for
+    from refteacher.kernels.cosine import refusal_scores
+
+    data = teacher_data_for(replace(config, rephrase_per_prompt=0, ce_harmless=0), bh, bb)
+    feature = difference_of_means(states(data.train_harmful), states(data.train_harmless))
+    threshold, _ = calibrate(refusal_scores(states(data.calib_harmful), feature),
+                             refusal_scores(states(data.calib_harmless), feature),
+                             target_recall=config.target_recall, target_fpr=config.target_fpr)
+    return feature, threshold
+
+
+def category_figures(scores_h, scores_topic, scores_everyday, threshold) -> dict:
+    """AUROC (left-out harmful vs topic-matched + everyday harmless), recall at the threshold, and the
+    false-positive rate on each harmless side."""
+    from refteacher.engine.metrics import auroc
+
+    harmless = torch.cat([scores_topic, scores_everyday])
+    labels = torch.cat([torch.ones(len(scores_h)), torch.zeros(len(harmless))])
+    return {
+        "auroc": auroc(torch.cat([scores_h, harmless]), labels) if len(scores_h) and len(harmless) else None,
+        "recall": float((scores_h >= threshold).double().mean()) if len(scores_h) else None,
+        "fpr_topic": float((scores_topic >= threshold).double().mean()) if len(scores_topic) else None,
+        "fpr_everyday": float((scores_everyday >= threshold).double().mean()),
+        "threshold": threshold,
+    }
+
+
+def summarise_seeds(per_seed: list[dict]) -> dict:
+    """Mean and worst over seeds of each figure (worst: lowest AUROC and recall, highest FPR)."""
+    out = {}
+    for key in ("auroc", "recall", "fpr_topic", "fpr_everyday"):
+        values = [r[key] for r in per_seed if r.get(key) is not None]
+        if values:
+            worst = max(values) if key.startswith("fpr") else min(values)
+            out[key] = {"mean": round(sum(values) / len(values), 4), "worst": round(worst, 4)}
+    return out
+
+
+def run_category_folds(categories, records, args, config, model_spec) -> list[dict]:
+    """Leave-one-category-out folds over ``args.seeds``: the raw feature of the untouched model on
+    every fold and seed (states cached), and trained teachers on the folds in ``args.teacher_folds``."""
+    from dataclasses import replace
+
+    from refteacher.engine.modeling.loading import load_model, load_tokenizer
+    from refteacher.engine.modeling.teacher_dir import load_teacher
+    from refteacher.engine.teacher.training import train_teacher
+    from refteacher.kernels.cosine import refusal_scores
+
+    model, tokenizer = load_model(model_spec, device="cpu"), load_tokenizer(model_spec)
+    layer = config.layer if config.layer is not None else _default_layer_of(model)
+    states = StateCache(model, tokenizer, layer, config.max_prompt_tokens)
+    results = []
+    for category in categories:
+        fold = {"fold": f"{CATEGORY_FOLD}{category}", "category": category, "seeds": {}}
+        for seed in args.seeds:
+            bh, bb, th, tb, everyday = category_fold_data(records, category, seed)
+            if not th:
+                fold["skipped"] = f"no harmful prompts of category {category!r}"
+                break
+            seed_config = replace(config, seed=seed, data_seed=None)
+            feature, threshold = raw_feature_fold(states, bh, bb, seed_config)
+            prompts = {name: [r.prompt for r in rs] for name, rs in (("h", th), ("b", tb), ("e", everyday))}
+            raw = category_figures(*(refusal_scores(states(prompts[k]), feature) for k in "hbe"), threshold)
+            entry = {"build": {"harmful": len(bh), "harmless": len(bb)},
+                     "test": {"harmful": len(th), "topic_harmless": len(tb), "everyday": len(everyday)},
+                     "raw": raw}
+            if category in args.teacher_folds and seed in args.teacher_seeds:
+                started = time.perf_counter()
+                built = train_teacher(model_spec, bh, bb, Path(args.work) / f"teacher-{category}-{seed}", seed_config,
+                                      model=model, tokenizer=tokenizer, progress=True)
+                teacher = load_teacher(built.path, device="cpu")
+                scores = [_scores(teacher.model, teacher.tokenizer, prompts[k], layer, teacher.feature,
+                                  config.max_prompt_tokens) for k in "hbe"]
+                entry["teacher"] = category_figures(*scores, teacher.threshold)
+                entry["teacher"]["build_seconds"] = round(time.perf_counter() - started, 1)
+                del teacher
+            fold["seeds"][str(seed)] = entry
+            print(f"{fold['fold']} seed {seed}: raw {raw}" + (f" teacher {entry['teacher']}" if "teacher" in entry
+                                                            else ""), flush=True)
+        for name in ("raw", "teacher"):
+            per_seed = [e[name] for e in fold["seeds"].values() if name in e]
+            if per_seed:
+                fold[name] = {"seeds": len(per_seed), **summarise_seeds(per_seed)}
+        results.append(fold)
+    return results
+
+
+def _default_layer_of(model) -> int:
+    from refteacher.engine.modeling.forward import num_layers
+    from refteacher.engine.teacher.training import _default_layer
+
+    return _default_layer(num_layers(model))
+
+
+def category_table(results) -> str:
+    """Markdown table of the category folds: mean / worst over seeds for each filter."""
+    lines = ["| left out | filter | seeds | AUROC mean / worst | recall mean / worst | FPR topic mean / worst "
+             "| FPR everyday mean / worst |", "|---|---|---|---|---|---|---|"]
+
+    def cell(figures, key):
+        f = figures.get(key)
+        return f"{f['mean']:.3f} / {f['worst']:.3f}" if f else "-"
+
+    for r in results:
+        for name, label in (("raw", "raw diff-of-means"), ("teacher", "ReFT teacher")):
+            if name in r:
+                f = r[name]
+                lines.append(f"| {r['category']} | {label} | {f['seeds']} | {cell(f, 'auroc')} | {cell(f, 'recall')} | "
+                             f"{cell(f, 'fpr_topic')} | {cell(f, 'fpr_everyday')} |")
+    return "\n".join(lines)
 
 
 def fold_data(records, fold: str, seed: int = 0):
@@ -42,20 +214,20 @@ def fold_data(records, fold: str, seed: int = 0):
     build, test = split_records(records, [0.8, 0.2], seed=seed + 1000)
     def of(rs, sources, label=None):
         return [r for r in rs if r.source.split(":")[0] in sources and (label is None or r.label == label)]
-    all_sets = ("advbench", "harmbench", "matched_pairs", "edgy_benign")
+    all_sets = {r.source.split(":")[0] for r in records}
     if fold == "in_dist":
         used, th, tb = all_sets, of(test, all_sets, "harmful"), of(test, all_sets, "benign")
         edgy = of(test, ("edgy_benign",))
     elif fold == "no_harmbench":
-        used = ("advbench", "matched_pairs")
+        used = all_sets - {"harmbench", "edgy_benign"}
         th, tb = of(records, ("harmbench",)), of(records, ("edgy_benign",))
         edgy = tb
     elif fold == "no_matched":
-        used = ("advbench", "harmbench", "edgy_benign")
+        used = all_sets - {"matched_pairs"}
         th, tb = of(records, ("matched_pairs",), "harmful"), of(records, ("matched_pairs",), "benign")
         edgy = of(test, ("edgy_benign",))
     else:
-        raise SystemExit(f"unknown fold {fold!r}; choose from {', '.join(FOLDS)}")
+        raise SystemExit(f"unknown fold {fold!r}; choose from {', '.join(FOLDS)}, no:CATEGORY or categories")
     return of(build, used, "harmful"), of(build, used, "benign"), th, tb, edgy
 
 
@@ -164,10 +336,11 @@ def table(results) -> str:
 
 
 def main(argv=None) -> int:
+    from refteacher.engine.data.hazard_taxonomy import CATEGORY_SLUGS
     from refteacher.engine.data.prompt_sets import load_prompt_set
     from refteacher.engine.errors import UserError
     from refteacher.engine.modeling.loading import DEFAULT_MODEL
-    from refteacher.engine.teacher.config import TeacherConfig
+    from refteacher.engine.teacher.config import DEFAULT_SETS, TeacherConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -186,7 +359,15 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TeacherConfig field, e.g. --set layer=16 or --set max_steps=30 (repeatable)")
+    p.add_argument("--seeds", default="0,1,2,3,4",
+                   help="category folds: the seeds (build split, calibration split, templates) to run each fold on")
+    p.add_argument("--teacher-folds", default="",
+                   help="category folds that also train a ReFT teacher (comma-separated categories, or 'all'); "
+                        "the raw feature runs on every fold")
+    p.add_argument("--teacher-seeds", default="0", help="seeds of those teacher builds")
     args = p.parse_args(argv)
+    args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    args.teacher_seeds = [int(x) for x in args.teacher_seeds.split(",") if x.strip()]
     if args.teacher:
         from refteacher.engine.modeling.teacher_dir import read_manifest
 
@@ -214,15 +395,30 @@ def main(argv=None) -> int:
             raise SystemExit(f"--set: {error}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
-    records = [r for name in ("advbench", "harmbench", "matched_pairs", "edgy_benign") for r in load_prompt_set(name)]
+    records = [r for name in DEFAULT_SETS for r in load_prompt_set(name)]
+    folds = [f.strip() for f in args.folds.split(",") if f.strip()]
+    categories = [f.removeprefix(CATEGORY_FOLD) for f in folds if f.startswith(CATEGORY_FOLD)]
+    if "categories" in folds:
+        categories = list(CATEGORY_SLUGS)
+    unknown = [c for c in categories if c not in CATEGORY_SLUGS]
+    if unknown:
+        raise SystemExit(f"unknown categories {unknown}; choose from {', '.join(CATEGORY_SLUGS)}")
+    args.teacher_folds = (list(CATEGORY_SLUGS) if args.teacher_folds == "all"
+                          else [c.strip() for c in args.teacher_folds.split(",") if c.strip()])
     results = []
-    for fold in args.folds.split(","):
-        results.append(run_fold(fold.strip(), records, args, config, args.model))
-        print(table(results[-1:]), flush=True)
-    print(table(results))
+    for fold in folds:
+        if fold in FOLDS:
+            results.append(run_fold(fold, records, args, config, args.model))
+            print(table(results[-1:]), flush=True)
+    category_results = run_category_folds(categories, records, args, config, args.model) if categories else []
+    if results:
+        print(table(results))
+    if category_results:
+        print(category_table(category_results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"model": args.model, "config": config.manifest(), "folds": results,
+                                               "category_folds": category_results, "seeds": args.seeds,
                                                "torch_threads": torch.get_num_threads()}, indent=1))
     return 0
 

@@ -74,6 +74,7 @@ def _gap(text: str) -> float | None:
 
 def main(argv=None) -> int:
     from refteacher.engine.data.prompt_sets import load_prompt_set
+    from refteacher.engine.teacher.config import DEFAULT_SETS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("teachers", nargs="+", metavar="FOLD=DIR", help=f"a fold ({', '.join(FOLDS)}) and its teacher")
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
         pairs.append((fold, folder))
     if args.threads:
         torch.set_num_threads(args.threads)
-    records = [r for name in ("advbench", "harmbench", "matched_pairs", "edgy_benign") for r in load_prompt_set(name)]
+    records = [r for name in DEFAULT_SETS for r in load_prompt_set(name)]
     rows = []
     for fold, folder in pairs:
         scored = teacher_scores(fold, folder, records)

@@ -109,3 +109,45 @@ def test_bad_eval_teacher_arguments_exit_with_a_message(eval_teacher, argv, mess
 def test_bad_threshold_rules_arguments_exit_with_a_message(argv, message):
     with pytest.raises(SystemExit, match=message):
         _script("threshold_rules").main(argv)
+
+
+def test_leave_one_category_out_folds_report_mean_and_worst_over_seeds(eval_teacher, tiny_model_dir, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setenv("REFTEACHER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "categories.json"
+    assert eval_teacher.main(["--model", str(tiny_model_dir), "--folds", "no:stereotyping,no:jailbreak",
+                              "--seeds", "0,1", "--teacher-folds", "stereotyping", "--threads", "1",
+                              "--set", "layer=2", "--set", "max_steps=1", "--set", "calib_max_harmful=100",
+                              "--work", str(tmp_path / "work"), "--json", str(out)]) == 0
+    folds = {f["category"]: f for f in json.loads(out.read_text())["category_folds"]}
+    assert set(folds) == {"stereotyping", "jailbreak"}
+    stereotyping = folds["stereotyping"]
+    for seed in ("0", "1"):
+        entry = stereotyping["seeds"][seed]
+        assert entry["test"]["harmful"] == 45 and entry["test"]["topic_harmless"] == 30
+        figures = entry["raw"]
+        assert all(0.0 <= figures[k] <= 1.0 for k in ("auroc", "recall", "fpr_topic", "fpr_everyday"))
+    assert "teacher" in stereotyping["seeds"]["0"] and "teacher" not in stereotyping["seeds"]["1"]
+    recalls = [stereotyping["seeds"][s]["raw"]["recall"] for s in ("0", "1")]
+    assert stereotyping["raw"]["recall"] == {"mean": round(sum(recalls) / 2, 4), "worst": round(min(recalls), 4)}
+    assert stereotyping["raw"]["seeds"] == 2 and stereotyping["teacher"]["seeds"] == 1
+    jailbreak = folds["jailbreak"]["seeds"]["0"]  # held-out framings: no topic-matched harmless side
+    assert jailbreak["test"]["harmful"] > 0 and jailbreak["test"]["topic_harmless"] == 0
+    assert jailbreak["raw"]["fpr_topic"] is None
+
+
+def test_a_category_fold_leaves_the_whole_category_out_of_building(eval_teacher):
+    from refteacher.engine.data.prompt_sets import load_prompt_set
+    from refteacher.engine.teacher.config import DEFAULT_SETS
+
+    records = [r for name in DEFAULT_SETS for r in load_prompt_set(name)]
+    bh, bb, th, tb, everyday = eval_teacher.category_fold_data(records, "privacy", seed=3)
+    assert {r.category for r in th} == {"privacy"} == {r.category for r in tb}
+    assert len(th) == sum(r.category == "privacy" and r.label == "harmful" for r in records)
+    assert not [r for r in bh + bb if r.category == "privacy"]
+    assert {r.source for r in everyday} == {"everyday"}
+    assert not {r.prompt for r in everyday} & {r.prompt for r in bb}
+    # the everyday test rows are the same whatever the seed
+    assert [r.prompt for r in eval_teacher.category_fold_data(records, "hate", seed=0)[4]] == [r.prompt for r in everyday]
+    jb_h, _, jb_test, _, _ = eval_teacher.category_fold_data(records, "jailbreak", seed=0)
+    assert jb_test and {r.group for r in jb_test}.isdisjoint({r.group for r in jb_h if r.group})

@@ -604,3 +604,84 @@ def test_per_example_checks_in_cpp_name_the_example(example, match):
     assert packer.examples_added == 0 and packer.pending_count == 0  # a failed call adds nothing
     with pytest.raises(UserError, match=match):
         list(pack_sequences([[1, 2], example], 8))
+
+
+# --------------------------------------------------------------------------------------------
+# The finetune's data, streamed from a file into the packer and a store on disk
+# --------------------------------------------------------------------------------------------
+
+
+def _chat_rows(n, seed=0):
+    rng = np.random.default_rng(seed)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    rows = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(words, rng.integers(1, 30)))
+        response = " ".join(rng.choice(words, rng.integers(1, 60)))
+        if i % 7 == 3:
+            rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response},
+                                      {"role": "user", "content": "more"}, {"role": "assistant", "content": "done"}]})
+        else:
+            rows.append({"prompt": prompt, "response": response})
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_streamed_finetune_rows_equal_packing_the_whole_file(tmp_path, tiny_model_dir, fmt, monkeypatch):
+    import json
+
+    from refteacher.engine.data.chat_examples import encode_example
+    from refteacher.engine.finetune import dataset
+    from refteacher.engine.modeling.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    rows = _chat_rows(300)
+    path = tmp_path / f"rows.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        pq.write_table(pa.Table.from_pylist([{"prompt": r.get("prompt"), "response": r.get("response"),
+                                              "messages": r.get("messages")} for r in rows]), path)
+    max_len = 64
+    # Not streamed: every row encoded, the ones with a response token kept, the list packed at once.
+    examples = [encode_example(tokenizer, r, max_tokens=max_len) for r in rows]
+    examples = [e for e in examples if any(y != -100 for y in e[1][1:])]
+    expected = list(pack_sequences(examples, max_len, overflow="truncate"))
+    # Streamed: small encode batches and small store writes, so both cut the stream many times.
+    monkeypatch.setattr(dataset, "ENCODE_BATCH_ROWS", 7)
+    monkeypatch.setattr(dataset, "_WRITE_TOKENS", 500)
+    store = dataset.build_packed_rows(tokenizer, path, max_len, tmp_path / "packed")
+    assert 0 < len(examples) < len(rows)  # some rows lost their response to max_len and were dropped
+    assert store.manifest["rows"] == len(rows) and store.manifest["examples"] == len(examples)
+    assert store.manifest["dropped"] == len(rows) - len(examples)
+    assert len(store) == len(expected) and store.manifest["tokens"] == sum(r.num_tokens for r in expected)
+    for i, row in enumerate(expected):
+        assert store[i] == row
+    assert store[-1] == expected[-1]
+    with pytest.raises(IndexError):
+        store[len(store)]
+    # A second build with the same input and settings reuses the store; another max_len rebuilds it.
+    stamp = (tmp_path / "packed" / "input_ids.bin").stat().st_mtime_ns
+    again = dataset.build_packed_rows(tokenizer, path, max_len, tmp_path / "packed")
+    assert len(again) == len(store) and (tmp_path / "packed" / "input_ids.bin").stat().st_mtime_ns == stamp
+    assert dataset.build_packed_rows(tokenizer, path, 2 * max_len, tmp_path / "packed").manifest["max_len"] == 2 * max_len
+
+
+def test_streamed_finetune_rows_report_bad_rows(tmp_path, tiny_model_dir):
+    from refteacher.engine.finetune.dataset import build_packed_rows
+    from refteacher.engine.modeling.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "only a prompt"}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl row 3: a training row needs string 'prompt' and 'response'"):
+        build_packed_rows(tokenizer, bad, 64, tmp_path / "packed")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "response": "b"}\n{"prompt": \n')
+    with pytest.raises(UserError, match=r"row 2 \(line 2\): not valid JSON"):
+        build_packed_rows(tokenizer, broken, 64, tmp_path / "packed")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(UserError, match="holds no rows to train on"):
+        build_packed_rows(tokenizer, empty, 64, tmp_path / "packed")
+    assert not (tmp_path / "packed").exists() and not list(tmp_path.glob(".packed.tmp-*"))  # nothing half-built

@@ -10,6 +10,7 @@ from refteacher.engine.errors import UserError
 FORMAT = "refteacher.finetune/1"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
+PACKED_DIR = "packed"  # OUT/packed/{task,align}: the tokenised, packed rows (engine/finetune/dataset.py)
 SUMMARY_FILE = "finetune.json"
 KL_DIRECTIONS = ("forward", "reverse", "jsd")
 BASELINES = ("sft",)

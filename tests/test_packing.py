@@ -660,6 +660,10 @@ def test_streamed_finetune_rows_equal_packing_the_whole_file(tmp_path, tiny_mode
     assert store[-1] == expected[-1]
     with pytest.raises(IndexError):
         store[len(store)]
+    import pickle
+
+    shipped = pickle.dumps(store)  # what a DataLoader worker gets: the folder, not the rows
+    assert len(shipped) < 500 and pickle.loads(shipped)[3] == expected[3]
     # A second build with the same input and settings reuses the store; another max_len rebuilds it.
     stamp = (tmp_path / "packed" / "input_ids.bin").stat().st_mtime_ns
     again = dataset.build_packed_rows(tokenizer, path, max_len, tmp_path / "packed")

@@ -129,6 +129,12 @@ class PackedRowStore(Sequence[PackedRow]):
     def __len__(self) -> int:
         return int(self.manifest["packed_rows"])
 
+    def __getstate__(self) -> dict[str, Any]:  # a DataLoader worker re-opens the maps, not a copy of the data
+        return {"folder": str(self.folder)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["folder"])
+
     def __getitem__(self, index: int) -> PackedRow:  # type: ignore[override]
         if isinstance(index, slice):
             raise TypeError("PackedRowStore takes one row index at a time")

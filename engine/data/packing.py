@@ -45,7 +45,7 @@ _LIST_EXAMPLES = 256  # examples per add_list call
 _BATCH_TOKENS = 65536  # tokens per add_many call: small enough for the packer's buffers to stay in cache
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class PackedRow:
     """One packed row: int64 ``input_ids``/``labels``/``position_ids`` of shape [n], int32
     ``cu_seqlens`` of shape [k + 1] (0 ... n) and int64 ``example_index`` of shape [k]."""
@@ -94,8 +94,8 @@ def rows_from_ready(ready: tuple[np.ndarray, ...]) -> list[PackedRow]:
 
     ``ready`` is (input_ids int64 [T], labels int64 [T], position_ids int64 [T], row_offsets int64
     [R + 1], cu_seqlens int32 [S + R], example_index int64 [S], row_segment_offsets int64 [R + 1]);
-    returns R rows. Runs once per packed row, so it builds rows without the frozen dataclass's
-    ``__init__`` (about 1 us a row instead of 3).
+    returns R rows. Runs once per packed row, so it fills the row's slots directly instead of going
+    through the frozen dataclass's ``__init__`` (about 1.3 us a row instead of 3).
     """
     ids, labels, positions, row_offsets, cu_flat, examples, seg_offsets = ready
     token_bounds = row_offsets.tolist()
@@ -103,16 +103,23 @@ def rows_from_ready(ready: tuple[np.ndarray, ...]) -> list[PackedRow]:
     rows: list[PackedRow] = []
     append = rows.append
     new_row = object.__new__
+    set_ids, set_labels, set_positions, set_cu, set_examples = _SLOT_SETTERS
     for r, (a, b, s, t) in enumerate(zip(token_bounds, token_bounds[1:], segment_bounds, segment_bounds[1:])):
         row = new_row(PackedRow)
-        fields = row.__dict__  # the same attributes PackedRow.__init__ would set
-        fields["input_ids"] = ids[a:b]
-        fields["labels"] = labels[a:b]
-        fields["position_ids"] = positions[a:b]
-        fields["cu_seqlens"] = cu_flat[s + r : t + r + 1]
-        fields["example_index"] = examples[s:t]
+        set_ids(row, ids[a:b])
+        set_labels(row, labels[a:b])
+        set_positions(row, positions[a:b])
+        set_cu(row, cu_flat[s + r : t + r + 1])
+        set_examples(row, examples[s:t])
         append(row)
     return rows
+
+
+# The slot descriptors of PackedRow's fields, in field order (they write past the frozen __setattr__).
+_SLOT_SETTERS = tuple(
+    getattr(PackedRow, name).__set__
+    for name in ("input_ids", "labels", "position_ids", "cu_seqlens", "example_index")
+)
 
 
 def _new_packer(max_len: int, window: int, overflow: str, max_open: int):

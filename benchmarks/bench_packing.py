@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         target = f" (target >= {r['target']:g}x: {'met' if r['met'] else 'MISSED'})" if "target" in r else ""
         print(f"{name}: {r['cpu']:.2f}x tokens per CPU second, {r['wall']:.2f}x wall-clock{target}")
     print(f"memory flatness (arrow peak extra RSS): {memory['examples_small']} examples "
-          f"{memory['peak_rss_mb_small']:.1f} MB, {memory['examples_full']} examples {memory['peak_rss_mb_full']:.1f} MB")
+          f"{memory['peak_rss_mb_small']:.1f} MB, {memory['examples_full']} examples "
+          f"{memory['peak_rss_mb_full']:.1f} MB")
     if args.json:
         payload = {
             "benchmark": "packing",

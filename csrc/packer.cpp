@@ -1,6 +1,6 @@
 // Streaming best-fit-decreasing sequence packer, bound with pybind11 (no torch inside).
 //
-// The algorithm (engine/packing_reference.py reproduces it step for step; keep them in sync):
+// The algorithm (engine/data/packing_reference.py reproduces it step for step; keep them in sync):
 //
 // State: `pending`, at most `window` items waiting, ordered by (length descending, arrival
 // ascending); `open rows`, at most `max_open`, each with `remaining` free slots (max_len - used),
@@ -27,17 +27,28 @@
 // not be learnt). Memory: at most window + 1 pending items and max_open rows, so bounded by
 // (window + 1 + max_open) * max_len tokens, independent of the dataset size.
 //
+// Input (three doors, the same checks, the same rows): add (one example), add_many (flat ids +
+// n + 1 offsets: the layout of an Arrow list column; int32 or int64 offsets; a mask or labels with
+// their own offsets) and add_list (a Python list of sequences, (ids, labels) pairs or dicts). Every
+// example of a call is checked before any is added, so a failed call leaves the packer unchanged:
+// non-empty, integer, 1-D, ids in [0, 2^31 - 1], labels one per token and each -100 or the token
+// id, offsets non-decreasing and inside the ids, at most max_len tokens under "error". A
+// std::invalid_argument (Python ValueError) names the first bad example by its index among all
+// the examples this packer was given.
+//
 // Speed (the algorithm above is the whole contract; none of this changes a row):
-// - Token ids are kept as int32 while pending (ids outside the int32 range are rejected), read
-//   straight from the caller's numpy buffer in whatever integer dtype it has (no cast copy), and
-//   an all-ones label mask is not stored at all.
+// - Token ids are kept as int32 while pending, read straight from the caller's buffer (numpy
+//   array or Arrow buffer) in whatever integer dtype it has (no cast copy; Python lists of ints
+//   are read into a reused staging vector), and an all-ones label mask is not stored at all.
+// - The hot loops (range check, copy, row writing) are built for AVX2 and for any x86-64 (GCC
+//   target_clones), and the two ordered sets recycle their nodes instead of calling malloc.
 // - A row is written in one pass per item: input_ids, labels and position_ids (int64) together,
 //   straight into the flat output arrays that pop_ready hands to numpy without copying.
 // - Output memory is recycled: when numpy frees an array from pop_ready, its block goes back to a
 //   small pool the next rows are written into, so steady streaming takes no fresh pages (page
 //   faults and kernel page zeroing were a third of the time before).
-// - add, add_many and flush release the GIL while they work; one packer serves one thread at a
-//   time (a second concurrent call raises RuntimeError).
+// - add, add_many, add_list and flush release the GIL while they pack; one packer serves one
+//   thread at a time (a second concurrent call raises RuntimeError).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -393,7 +404,8 @@ std::string read_int_list(PyObject* seq, IntView& view, std::vector<int64_t>& st
             if (!index) throw py::error_already_set();
             value = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
         }
-        if (overflow != 0) value = overflow > 0 ? std::numeric_limits<int64_t>::max() : std::numeric_limits<int64_t>::min();
+        if (overflow != 0)
+            value = overflow > 0 ? std::numeric_limits<int64_t>::max() : std::numeric_limits<int64_t>::min();
         out[k] = static_cast<int64_t>(value);
     }
     view.data = nullptr;
@@ -603,7 +615,8 @@ public:
             if (PyDict_Check(item)) {
                 ids = PyDict_GetItemString(item, "input_ids");
                 if (ids == nullptr)
-                    throw std::invalid_argument("example " + std::to_string(example) + ": a mapping needs an 'input_ids' key");
+                    throw std::invalid_argument("example " + std::to_string(example) +
+                                                ": a mapping needs an 'input_ids' key");
                 labels = PyDict_GetItemString(item, "labels");
             } else if ((PyTuple_Check(item) || PyList_Check(item)) && PySequence_Fast_GET_SIZE(item) == 2 &&
                        is_sequence_like(PySequence_Fast_GET_ITEM(item, 0)) &&
@@ -613,7 +626,8 @@ public:
             }
             IntView& view = views[static_cast<size_t>(i)];
             std::string problem = read_tokens(ids, view, id_stage_);
-            if (!problem.empty()) throw std::invalid_argument("example " + std::to_string(example) + ": input_ids " + problem);
+            if (!problem.empty())
+                throw std::invalid_argument("example " + std::to_string(example) + ": input_ids " + problem);
             if (view.size == 0) throw std::invalid_argument(empty_message(example));
             IntView at = view;  // the staging vector does not move until the next example is read
             if (at.staged >= 0) at.data = id_stage_.data() + at.staged;
@@ -625,19 +639,23 @@ public:
                 IntView label_view;
                 label_stage_.clear();
                 problem = read_tokens(labels, label_view, label_stage_);
-                if (!problem.empty()) throw std::invalid_argument("example " + std::to_string(example) + ": labels " + problem);
+                if (!problem.empty())
+                    throw std::invalid_argument("example " + std::to_string(example) + ": labels " + problem);
                 if (label_view.staged >= 0) label_view.data = label_stage_.data() + label_view.staged;
-                if (label_view.size != at.size) throw std::invalid_argument(label_count_message(example, label_view.size, at.size));
+                if (label_view.size != at.size)
+                    throw std::invalid_argument(label_count_message(example, label_view.size, at.size));
                 mask_at[static_cast<size_t>(i)] = static_cast<int64_t>(mask_stage_.size());
                 mask_stage_.resize(mask_stage_.size() + static_cast<size_t>(at.size));
                 uint8_t* mask = mask_stage_.data() + mask_at[static_cast<size_t>(i)];
                 at.visit([&](auto* p) {
                     label_view.visit([&](auto* l) {
-                        if (labels_to_mask(p, l, at.size, mask) >= 0) throw std::invalid_argument(label_value_message(example));
+                        if (labels_to_mask(p, l, at.size, mask) >= 0)
+                            throw std::invalid_argument(label_value_message(example));
                     });
                 });
             }
-            if (view.size > max_len_ && overflow_ == Overflow::Error) throw std::invalid_argument(too_long_message(example, view.size));
+            if (view.size > max_len_ && overflow_ == Overflow::Error)
+                throw std::invalid_argument(too_long_message(example, view.size));
         }
         py::gil_scoped_release unlocked;
         for (Py_ssize_t i = 0; i < n; ++i) {
@@ -726,17 +744,19 @@ private:
         const int64_t n = o.count - 1;
         const int64_t first = o[0];
         if (first < 0 || first > ids.size)
-            throw std::invalid_argument("offsets point outside the flat id array: offsets[0] is " + std::to_string(first) +
-                                        " for " + std::to_string(ids.size) + " token ids");
+            throw std::invalid_argument("offsets point outside the flat id array: offsets[0] is " +
+                                        std::to_string(first) + " for " + std::to_string(ids.size) + " token ids");
         for (int64_t i = 0; i < n; ++i) {
             const int64_t len = o[i + 1] - o[i];
             const int64_t example = next_example_ + i;
             if (len < 0)
-                throw std::invalid_argument("offsets must be non-decreasing: offsets[" + std::to_string(i + 1) + "] = " +
-                                            std::to_string(o[i + 1]) + " < offsets[" + std::to_string(i) + "] = " +
-                                            std::to_string(o[i]) + " (example " + std::to_string(example) + ")");
+                throw std::invalid_argument("offsets must be non-decreasing: offsets[" + std::to_string(i + 1) +
+                                            "] = " + std::to_string(o[i + 1]) + " < offsets[" + std::to_string(i) +
+                                            "] = " + std::to_string(o[i]) + " (example " + std::to_string(example) +
+                                            ")");
             if (len == 0) throw std::invalid_argument(empty_message(example));
-            if (len > max_len_ && overflow_ == Overflow::Error) throw std::invalid_argument(too_long_message(example, len));
+            if (len > max_len_ && overflow_ == Overflow::Error)
+                throw std::invalid_argument(too_long_message(example, len));
         }
         const int64_t last = o[n];
         if (last > ids.size)
@@ -947,7 +967,8 @@ private:
     std::vector<Item> items_;
     std::vector<int64_t> free_items_[33];  // free slots by size class (max_len < 2^31)
     NodeCache pending_nodes_, row_nodes_;  // declared before the sets that use them
-    std::set<PendingKey, PendingOrder, CachingAllocator<PendingKey>> pending_{PendingOrder(), CachingAllocator<PendingKey>(&pending_nodes_)};
+    std::set<PendingKey, PendingOrder, CachingAllocator<PendingKey>> pending_{
+        PendingOrder(), CachingAllocator<PendingKey>(&pending_nodes_)};
     std::vector<Row> rows_;
     std::vector<int64_t> free_rows_;
     std::set<RowKey, RowOrder, CachingAllocator<RowKey>> open_rows_{RowOrder(), CachingAllocator<RowKey>(&row_nodes_)};

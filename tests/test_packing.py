@@ -383,7 +383,9 @@ def test_token_ids_must_fit_in_int32():
     with pytest.raises(UserError, match=r"example 1: token ids must be >= 0, got -1"):
         list(pack_token_chunks([(np.array([1, 2, -1], dtype=np.int16), np.array([0, 1, 3]))], 8))
     packer = _packer.Packer(8, 4, "error", 2)
-    with pytest.raises(ValueError, match=r"example 1: token ids must fit in int32 \(at most 2147483647\), got 2147483648"):
+    with pytest.raises(
+        ValueError, match=r"example 1: token ids must fit in int32 \(at most 2147483647\), got 2147483648"
+    ):
         packer.add_many(np.array([5, big], dtype=np.int64), np.array([0, 1, 2], dtype=np.int64))
     with pytest.raises(ValueError, match=r"example 1: token ids must be >= 0"):
         packer.add_many(np.array([5, -big - 1], dtype=np.int64), np.array([0, 1, 2], dtype=np.int64))
@@ -593,7 +595,8 @@ def test_per_example_input_of_mixed_kinds_is_read_like_numpy():
         ("abc", r"example 1: input_ids must be a flat sequence of integers, got str"),
         (None, r"example 1: input_ids must be a flat sequence of integers, got NoneType"),
         ([1, 2**70], r"example 1: token ids must fit in int32"),
-        (np.zeros((2, 2), dtype=np.int64), r"example 1: input_ids must be a flat 1-D sequence of integers, got shape \(2, 2\)"),
+        (np.zeros((2, 2), dtype=np.int64),
+         r"example 1: input_ids must be a flat 1-D sequence of integers, got shape \(2, 2\)"),
         (([1, 2], [1.5, 2]), r"example 1: labels must be integers, got float"),
     ],
 )
@@ -668,7 +671,8 @@ def test_streamed_finetune_rows_equal_packing_the_whole_file(tmp_path, tiny_mode
     stamp = (tmp_path / "packed" / "input_ids.bin").stat().st_mtime_ns
     again = dataset.build_packed_rows(tokenizer, path, max_len, tmp_path / "packed")
     assert len(again) == len(store) and (tmp_path / "packed" / "input_ids.bin").stat().st_mtime_ns == stamp
-    assert dataset.build_packed_rows(tokenizer, path, 2 * max_len, tmp_path / "packed").manifest["max_len"] == 2 * max_len
+    rebuilt = dataset.build_packed_rows(tokenizer, path, 2 * max_len, tmp_path / "packed")
+    assert rebuilt.manifest["max_len"] == 2 * max_len
 
 
 def test_streamed_finetune_rows_report_bad_rows(tmp_path, tiny_model_dir):

@@ -296,7 +296,8 @@ def _arrow_arrays(column: Any, what: str) -> Iterator[Any]:
                 raise UserError(f"{what}: expected Arrow arrays, got {type(part).__name__}")
             yield from _arrow_arrays(part, what)
     else:
-        raise UserError(f"{what} must be an Arrow list column (pyarrow Array or ChunkedArray), got {type(column).__name__}")
+        raise UserError(f"{what} must be an Arrow list column (pyarrow Array or ChunkedArray), "
+                        f"got {type(column).__name__}")
 
 
 def _aligned_chunks(input_ids: Any, labels: Any) -> Iterator[tuple[Any, Any]]:

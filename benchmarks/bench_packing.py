@@ -19,8 +19,9 @@ in the form it takes:
 Every packer yields rows that a training loop drops as it goes (trl returns a whole packed
 dataset). Each is timed ``--repeat`` times and the fastest run is kept; wall-clock and CPU-time
 (``process_time``) rates are both reported, the CPU ones being steadier on a shared machine, and
-the ratios are in tokens per CPU second. Peak extra RSS is measured in a separate run of each
-(harness.peak_memory), and for the Arrow path at N/10 and N (flatness). Targets (issue 18):
+the ratios are in tokens per CPU second. Peak extra RSS is measured in one more run of each after
+all timings, with ``exact_cpu_rss`` on (harness.peak_memory), and for the Arrow path at N/10 and N
+(flatness). Targets (issue 18):
 per-example >= 3x numpy_bfd, flat and Arrow >= 5x numpy_bfd_flat, Arrow >= 5x trl_bfd.
 
     python benchmarks/bench_packing.py [--quick] [--repeat 3] [--json PATH]
@@ -39,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment, format_table, peak_memory, write_json  # noqa: E402
+from harness import environment, exact_cpu_rss, format_table, peak_memory, write_json  # noqa: E402
 
 from refteacher.engine.data.packing import IGNORE_INDEX, pack_arrow, pack_sequences, pack_token_chunks
 from refteacher.engine.data.packing_reference import pack_sequences_reference
@@ -128,9 +129,8 @@ def count(rows_iter) -> tuple[int, int]:
     return rows, tokens
 
 
-def measure(name: str, run: Callable[[], tuple[int, int]], n_examples: int, repeat: int,
-            with_memory: bool = True) -> dict[str, Any]:
-    """Run ``run() -> (rows, real_tokens)`` ``repeat`` times, keep the fastest; then once under the RSS sampler."""
+def measure(name: str, run: Callable[[], tuple[int, int]], n_examples: int, repeat: int) -> dict[str, Any]:
+    """Run ``run() -> (rows, real_tokens)`` ``repeat`` times and keep the fastest (peak memory: ``add_memory``)."""
     best = None
     for _ in range(repeat):
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -139,7 +139,6 @@ def measure(name: str, run: Callable[[], tuple[int, int]], n_examples: int, repe
         if best is None or cpu < best[1]:
             best = (wall, cpu)
     seconds, cpu_seconds = best
-    peak = peak_memory(run) if with_memory else None
     print(f"  {name}: {n_examples} examples, {cpu_seconds:.3f} CPU-s ({seconds:.3f} s wall)", flush=True)
     return {
         "packer": name,
@@ -151,8 +150,22 @@ def measure(name: str, run: Callable[[], tuple[int, int]], n_examples: int, repe
         "tokens_per_s": tokens / seconds,
         "tokens_per_cpu_s": tokens / cpu_seconds,
         "efficiency": tokens / (rows * MAX_LEN),
-        "peak_rss_mb": None if peak is None else peak / 2**20,
+        "peak_rss_mb": None,
+        "_run": run,
     }
+
+
+def add_memory(results: list[dict[str, Any]], skip: tuple[str, ...] = ()) -> None:
+    """Peak extra RSS of one more run of each packer, after every timing (``exact_cpu_rss``: freed
+    memory is handed back, so a run cannot reuse unseen what an earlier one freed; Arrow then
+    allocates through malloc too, not its own pool, which would keep freed memory likewise)."""
+    exact_cpu_rss()
+    pa.default_memory_pool().release_unused()  # else its pages go back to the OS during a measurement
+    pa.set_memory_pool(pa.system_memory_pool())
+    for r in results:
+        run = r.pop("_run")
+        if r["packer"] not in skip:
+            r["peak_rss_mb"] = peak_memory(run) / 2**20
 
 
 def trl_bfd(column: pa.ChunkedArray, repeat: int) -> dict[str, Any] | str:
@@ -210,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  trl: {trl}")
     reference = examples[:n_reference]
     results.append(measure("python_reference", lambda: count(pack_sequences_reference(reference, MAX_LEN, WINDOW)),
-                           n_reference, 1, with_memory=False))
+                           n_reference, 1))
+    add_memory(results, skip=("python_reference",))
     small = column.slice(0, n // 10)
     memory_small = peak_memory(lambda: count(pack_arrow(small, MAX_LEN, window=WINDOW))) / 2**20
 

@@ -693,3 +693,31 @@ def test_streamed_finetune_rows_report_bad_rows(tmp_path, tiny_model_dir):
     with pytest.raises(UserError, match="holds no rows to train on"):
         build_packed_rows(tokenizer, empty, 64, tmp_path / "packed")
     assert not (tmp_path / "packed").exists() and not list(tmp_path.glob(".packed.tmp-*"))  # nothing half-built
+
+
+def test_pretokenised_parquet_is_packed_from_its_arrow_columns(tmp_path, tiny_model_dir, monkeypatch):
+    from refteacher.engine.finetune import dataset
+    from refteacher.engine.modeling.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    lengths = np.random.default_rng(14).integers(1, 150, 500)
+    examples = make_examples(lengths, seed=15, with_labels=True)
+    path = tmp_path / "tokens.parquet"
+    pq.write_table(pa.table({"input_ids": _list_column([e[0] for e in examples]),
+                             "labels": _list_column([e[1] for e in examples], value_type=pa.int64())}), path)
+    monkeypatch.setattr(dataset, "PARQUET_BATCH_ROWS", 64)
+    store = dataset.build_packed_rows(tokenizer, path, 100, tmp_path / "packed")
+    expected = list(pack_sequences(examples, 100, overflow="truncate"))
+    assert store.manifest["rows"] == store.manifest["examples"] == 500 and len(store) == len(expected)
+    assert all(store[i] == row for i, row in enumerate(expected))
+    # Without labels every token takes loss; ids beyond the vocabulary and bad rows are UserErrors.
+    pq.write_table(pa.table({"input_ids": _list_column([e[0] for e in examples])}), path)
+    store = dataset.build_packed_rows(tokenizer, path, 100, tmp_path / "plain")
+    assert all(store[i] == row for i, row in enumerate(pack_sequences([e[0] for e in examples], 100,
+                                                                         overflow="truncate")))
+    pq.write_table(pa.table({"input_ids": _list_column([[1, 2], [3, len(tokenizer)]])}), path)
+    with pytest.raises(UserError, match=r"token id \d+ in rows 1-2 is outside the tokenizer's vocabulary"):
+        dataset.build_packed_rows(tokenizer, path, 100, tmp_path / "bad")
+    pq.write_table(pa.table({"input_ids": _list_column([[1, 2], []])}), path)
+    with pytest.raises(UserError, match=r"tokens.parquet: example 1 is empty.*\(example i is row i \+ 1 of the file\)"):
+        dataset.build_packed_rows(tokenizer, path, 100, tmp_path / "bad")

@@ -20,7 +20,8 @@ BASELINES = ("sft",)
 class FinetuneConfig:
     """Everything a finetuning run needs; ``refteacher finetune`` has one option per field."""
 
-    data: str = option(help="training rows (JSONL/CSV/Parquet, prompt+response or messages)")
+    data: str = option(help="training rows (JSONL/CSV/Parquet/hf:NAME, prompt+response or messages; or a Parquet "
+                            "file tokenised already: input_ids, optional labels)")
     out: str = option(help="output directory")
     student: str | None = option(None, "student model (directory, hub id or alias); default: the teacher's model")
     teacher: str | None = option(None, "teacher directory written by `refteacher teacher`")

@@ -5,6 +5,10 @@ tokenised ``ENCODE_BATCH_ROWS`` at a time, cut to ``max_len`` tokens, and go thr
 best-fit-decreasing packer (``pack_sequences``, a window of examples) as they come. No step holds
 more than a batch of rows, the packer's window and its open rows, whatever the dataset's size.
 
+A Parquet file that is tokenised already (an ``input_ids`` list column, optional ``labels``) skips
+all of that: ``pack_tokenised_parquet`` hands each record batch's Arrow columns to ``pack_arrow``,
+which reads their values and offsets in place.
+
 ``build_packed_rows`` writes that stream to a folder of flat binary files and returns a
 ``PackedRowStore``: a read-only sequence of ``PackedRow`` over memory-mapped files, which the
 Trainer's sampler shuffles and indexes like a list (so a resumed run sees exactly the batches an
@@ -23,21 +27,31 @@ import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
-from itertools import islice
+from itertools import islice, tee
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from refteacher.engine.data.chat_examples import IGNORE_INDEX, chat_pieces, encode_pieces
-from refteacher.engine.data.packing import DEFAULT_MAX_OPEN, DEFAULT_WINDOW, PackedRow, collate_packed, pack_sequences
+from refteacher.engine.data.packing import (
+    DEFAULT_MAX_OPEN,
+    DEFAULT_WINDOW,
+    PackedRow,
+    collate_packed,
+    pack_arrow,
+    pack_sequences,
+)
 from refteacher.engine.data.readers import open_source, read_records
 from refteacher.engine.errors import UserError
 
 log = logging.getLogger("refteacher.engine.finetune")
 
 ENCODE_BATCH_ROWS = 256  # rows rendered and tokenised per tokenizer call
+PARQUET_BATCH_ROWS = 4096  # rows per record batch read from a pre-tokenised Parquet file
 STORE_FORMAT = "refteacher.packed-rows/1"
 _WRITE_TOKENS = 1 << 18  # tokens of packed rows buffered before a write to the store's files
 # file name -> dtype: the flat arrays of a PackedRowStore
@@ -106,6 +120,47 @@ def pack_records(
     """
     examples = encoded_examples(tokenizer, records, max_len, where=where, stats=stats)
     return pack_sequences(examples, max_len, overflow="truncate")
+
+
+def is_pretokenised(source) -> bool:
+    """True for a Parquet source with an ``input_ids`` column: rows tokenised already."""
+    return source.fmt == "parquet" and "input_ids" in pq.ParquetFile(source.location).schema_arrow.names
+
+
+def pack_tokenised_parquet(tokenizer, path: str | os.PathLike, max_len: int, *, where: str = "data",
+                           stats: EncodeStats | None = None) -> Iterator[PackedRow]:
+    """Stream a Parquet file of tokenised rows into ``PackedRow``s, reading its Arrow columns in place.
+
+    Columns: ``input_ids`` (``list<int>``) and optional ``labels`` (``list<int>``, -100 where no
+    loss is taken, else the token id; without it every token takes loss). Record batches of
+    ``PARQUET_BATCH_ROWS`` rows go to ``pack_arrow`` as they are read (values and offsets as numpy
+    views, no row decoded in Python); rows longer than ``max_len`` are cut to their first
+    ``max_len`` tokens. UserError for ids outside the tokenizer's vocabulary or any row the packer
+    rejects (example i is the file's row i + 1).
+    """
+    stats = stats if stats is not None else EncodeStats()
+    parquet = pq.ParquetFile(path)
+    columns = [name for name in ("input_ids", "labels") if name in parquet.schema_arrow.names]
+    vocab = len(tokenizer)
+
+    def batches() -> Iterator[Any]:
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+            top = pc.max(pc.list_flatten(batch.column("input_ids"))).as_py() if batch.num_rows else None
+            if top is not None and top >= vocab:
+                raise UserError(f"token id {top} in rows {stats.rows + 1}-{stats.rows + batch.num_rows} is outside "
+                                f"the tokenizer's vocabulary ({vocab}); tokenise with the student's tokenizer")
+            stats.rows += batch.num_rows
+            stats.examples += batch.num_rows
+            yield batch
+
+    ids_batches, label_batches = tee(batches())
+    try:
+        yield from pack_arrow((b.column("input_ids") for b in ids_batches), max_len,
+                              labels=(b.column("labels") for b in label_batches) if "labels" in columns else None,
+                              overflow="truncate")
+    except UserError as err:
+        hint = " (example i is row i + 1 of the file)" if str(err).startswith("example") else ""
+        raise UserError(f"{where}: {err}{hint}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,7 +232,8 @@ def build_packed_rows(tokenizer, location: str | os.PathLike, max_len: int, fold
                       *, where: str | None = None) -> PackedRowStore:
     """Pack the training rows of ``location`` (JSONL / CSV / Parquet / ``hf:NAME``) into a store at ``folder``.
 
-    Streams ``read_records`` -> ``pack_records`` -> flat files, buffering ``_WRITE_TOKENS`` tokens of
+    Streams ``read_records`` -> ``pack_records`` -> flat files (a Parquet file with an
+    ``input_ids`` column: ``pack_tokenised_parquet`` instead, no tokenisation), buffering ``_WRITE_TOKENS`` tokens of
     rows at a time; writes into a temporary folder renamed into place when complete, so an interrupted build
     never leaves a store that looks whole. Reuses an existing store built from the same input
     (path, size, mtime or HF name), tokenizer and settings. UserError for a bad row (naming its
@@ -199,8 +255,11 @@ def build_packed_rows(tokenizer, location: str | os.PathLike, max_len: int, fold
     tmp.mkdir()
     try:
         stats = EncodeStats()
-        records = read_records(location)
-        rows, tokens = _write_rows(pack_records(tokenizer, records, max_len, where=where, stats=stats), tmp)
+        if is_pretokenised(source):
+            packed = pack_tokenised_parquet(tokenizer, source.location, max_len, where=where, stats=stats)
+        else:
+            packed = pack_records(tokenizer, read_records(location), max_len, where=where, stats=stats)
+        rows, tokens = _write_rows(packed, tmp)
         if stats.dropped:
             log.warning("%s: %d rows had no response tokens within %d tokens and were dropped", where, stats.dropped,
                         max_len)

@@ -1,6 +1,6 @@
 // Streaming best-fit-decreasing sequence packer, bound with pybind11 (no torch inside).
 //
-// The algorithm (engine/packing_reference.py reproduces it step for step; keep them in sync):
+// The algorithm (engine/data/packing_reference.py reproduces it step for step; keep them in sync):
 //
 // State: `pending`, at most `window` items waiting, ordered by (length descending, arrival
 // ascending); `open rows`, at most `max_open`, each with `remaining` free slots (max_len - used),
@@ -27,17 +27,28 @@
 // not be learnt). Memory: at most window + 1 pending items and max_open rows, so bounded by
 // (window + 1 + max_open) * max_len tokens, independent of the dataset size.
 //
+// Input (three doors, the same checks, the same rows): add (one example), add_many (flat ids +
+// n + 1 offsets: the layout of an Arrow list column; int32 or int64 offsets; a mask or labels with
+// their own offsets) and add_list (a Python list of sequences, (ids, labels) pairs or dicts). Every
+// example of a call is checked before any is added, so a failed call leaves the packer unchanged:
+// non-empty, integer, 1-D, ids in [0, 2^31 - 1], labels one per token and each -100 or the token
+// id, offsets non-decreasing and inside the ids, at most max_len tokens under "error". A
+// std::invalid_argument (Python ValueError) names the first bad example by its index among all
+// the examples this packer was given.
+//
 // Speed (the algorithm above is the whole contract; none of this changes a row):
-// - Token ids are kept as int32 while pending (ids outside the int32 range are rejected), read
-//   straight from the caller's numpy buffer in whatever integer dtype it has (no cast copy), and
-//   an all-ones label mask is not stored at all.
+// - Token ids are kept as int32 while pending, read straight from the caller's buffer (numpy
+//   array or Arrow buffer) in whatever integer dtype it has (no cast copy; Python lists of ints
+//   are read into a reused staging vector), and an all-ones label mask is not stored at all.
+// - The hot loops (range check, copy, row writing) are built for AVX2 and for any x86-64 (GCC
+//   target_clones), and the two ordered sets recycle their nodes instead of calling malloc.
 // - A row is written in one pass per item: input_ids, labels and position_ids (int64) together,
 //   straight into the flat output arrays that pop_ready hands to numpy without copying.
 // - Output memory is recycled: when numpy frees an array from pop_ready, its block goes back to a
 //   small pool the next rows are written into, so steady streaming takes no fresh pages (page
 //   faults and kernel page zeroing were a third of the time before).
-// - add, add_many and flush release the GIL while they work; one packer serves one thread at a
-//   time (a second concurrent call raises RuntimeError).
+// - add, add_many, add_list and flush release the GIL while they pack; one packer serves one
+//   thread at a time (a second concurrent call raises RuntimeError).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -53,10 +64,19 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 namespace py = pybind11;
+
+// The hot loops are built twice, for AVX2 and for any x86-64, and the loader picks one per machine
+// (GCC function multiversioning), so one portable build still uses 256-bit vectors where it can.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define REFTEACHER_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define REFTEACHER_VECTOR_CLONES
+#endif
 
 namespace {
 
@@ -86,6 +106,53 @@ struct RowOrder {
         if (a.remaining != b.remaining) return a.remaining < b.remaining;
         return a.row_id < b.row_id;
     }
+};
+
+// Keeps the freed nodes of one std::set (all of one size) for reuse, so steady packing, which
+// inserts and erases a few nodes per example, does not call malloc.
+struct NodeCache {
+    size_t node_size = 0;
+    std::vector<void*> free;
+    NodeCache() = default;
+    NodeCache(const NodeCache&) = delete;
+    NodeCache& operator=(const NodeCache&) = delete;
+    ~NodeCache() {
+        for (void* node : free) ::operator delete(node);
+    }
+};
+
+template <typename T>
+struct CachingAllocator {
+    using value_type = T;
+    NodeCache* cache;
+    explicit CachingAllocator(NodeCache* c) noexcept : cache(c) {}
+    template <typename U>
+    CachingAllocator(const CachingAllocator<U>& other) noexcept : cache(other.cache) {}
+    T* allocate(size_t n) {
+        if (n == 1 && (cache->node_size == 0 || cache->node_size == sizeof(T))) {
+            cache->node_size = sizeof(T);
+            if (!cache->free.empty()) {
+                void* node = cache->free.back();
+                cache->free.pop_back();
+                return static_cast<T*>(node);
+            }
+        }
+        return static_cast<T*>(::operator new(n * sizeof(T)));
+    }
+    void deallocate(T* p, size_t n) noexcept {
+        if (n == 1 && cache->node_size == sizeof(T)) {
+            try {
+                cache->free.push_back(p);
+                return;
+            } catch (const std::bad_alloc&) {  // no room to remember it: free it
+            }
+        }
+        ::operator delete(p);
+    }
+    template <typename U>
+    bool operator==(const CachingAllocator<U>& other) const noexcept { return cache == other.cache; }
+    template <typename U>
+    bool operator!=(const CachingAllocator<U>& other) const noexcept { return cache != other.cache; }
 };
 
 // One pending item (an example or a piece of one), its ids as int32. A slot holds room for
@@ -215,89 +282,231 @@ private:
     std::shared_ptr<BlockPool> pool_;
 };
 
-// A 1-D integer numpy array read in place (any integer dtype; a copy only for odd layouts).
-class TokenView {
-public:
-    TokenView(py::array values, const char* what) {
-        if (values.ndim() != 1) throw std::invalid_argument(std::string(what) + " must be a 1-D array");
-        const char kind = values.dtype().kind();
-        if (values.size() == 0 && kind != 'i' && kind != 'u') values = py::array_t<int64_t>(0);
-        else if (kind != 'i' && kind != 'u')
-            throw std::invalid_argument(std::string(what) + " must be integers, got dtype " +
-                                        std::string(py::str(values.dtype())));
-        if (!(try_as<int64_t>(values) || try_as<int32_t>(values) || try_as<uint16_t>(values) ||
-              try_as<uint32_t>(values) || try_as<int16_t>(values) || try_as<uint8_t>(values) ||
-              try_as<int8_t>(values) || try_as<uint64_t>(values))) {
-            // Not contiguous or not native byte order: one converting copy.
-            keep_ = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(values);
-            data_ = keep_.data();
-            type_ = 'l';
-        }
-        size_ = values.size();
-    }
-    int64_t size() const { return size_; }
+// ---------------------------------------------------------------------------------------------
+// Reading the caller's integers in place
+// ---------------------------------------------------------------------------------------------
 
-    // Calls f(const T* data) with the array's own element type.
+constexpr int64_t kIgnoreIndex = -100;
+constexpr int64_t kMaxTokenId = std::numeric_limits<int32_t>::max();
+
+inline bool little_endian() {
+    const uint16_t probe = 1;
+    return *reinterpret_cast<const uint8_t*>(&probe) == 1;
+}
+
+// A 1-D integer buffer read in place: a pointer and its element type (numpy's one-letter codes:
+// l/i/h/b signed 64/32/16/8 bits, L/I/H/B unsigned). `keep` holds the object that owns the memory.
+// `staged` >= 0 instead means the values sit at that offset of a staging vector (int64) that may
+// still grow, so the pointer is taken only once every example of the call has been read.
+struct IntView {
+    const void* data = nullptr;
+    char type = 'l';
+    int64_t size = 0;
+    int64_t staged = -1;
+    py::object keep;
+
+    // Calls f(const T* data) with the buffer's own element type.
     template <typename F>
     void visit(F&& f) const {
-        switch (type_) {
-            case 'l': return f(static_cast<const int64_t*>(data_));
-            case 'i': return f(static_cast<const int32_t*>(data_));
-            case 'H': return f(static_cast<const uint16_t*>(data_));
-            case 'I': return f(static_cast<const uint32_t*>(data_));
-            case 'h': return f(static_cast<const int16_t*>(data_));
-            case 'B': return f(static_cast<const uint8_t*>(data_));
-            case 'b': return f(static_cast<const int8_t*>(data_));
-            case 'L': return f(static_cast<const uint64_t*>(data_));
+        switch (type) {
+            case 'i': return f(static_cast<const int32_t*>(data));
+            case 'h': return f(static_cast<const int16_t*>(data));
+            case 'b': return f(static_cast<const int8_t*>(data));
+            case 'L': return f(static_cast<const uint64_t*>(data));
+            case 'I': return f(static_cast<const uint32_t*>(data));
+            case 'H': return f(static_cast<const uint16_t*>(data));
+            case 'B': return f(static_cast<const uint8_t*>(data));
+            default: return f(static_cast<const int64_t*>(data));
         }
     }
-
-private:
-    template <typename T>
-    bool try_as(const py::array& values) {
-        if (!py::isinstance<py::array_t<T, py::array::c_style>>(values)) return false;
-        keep_ = values;
-        data_ = values.data();
-        type_ = code<T>();
-        return true;
-    }
-    template <typename T>
-    static constexpr char code() {
-        if (std::is_same_v<T, int64_t>) return 'l';
-        if (std::is_same_v<T, int32_t>) return 'i';
-        if (std::is_same_v<T, uint16_t>) return 'H';
-        if (std::is_same_v<T, uint32_t>) return 'I';
-        if (std::is_same_v<T, int16_t>) return 'h';
-        if (std::is_same_v<T, uint8_t>) return 'B';
-        if (std::is_same_v<T, int8_t>) return 'b';
-        return 'L';
-    }
-
-    py::array keep_;
-    const void* data_ = nullptr;
-    char type_ = 'l';
-    int64_t size_ = 0;
 };
 
-// True when every value of p[0:n] fits in int32.
-template <typename T>
-bool fits_int32(const T* p, int64_t n) {
-    if constexpr (sizeof(T) < 4 || (sizeof(T) == 4 && std::is_signed_v<T>)) {
-        return true;
-    } else if constexpr (std::is_signed_v<T>) {
-        uint64_t outside = 0;
-        for (int64_t i = 0; i < n; ++i) outside |= static_cast<uint64_t>(static_cast<int64_t>(p[i]) + 2147483648LL);
-        return (outside >> 32) == 0;
-    } else {
-        uint64_t outside = 0;
-        for (int64_t i = 0; i < n; ++i) outside |= static_cast<uint64_t>(p[i]);
-        return (outside >> 31) == 0;
+// The element code of an integer dtype of this kind ('i' or 'u') and size in bytes; 0 if none.
+char int_code(char kind, py::ssize_t itemsize) {
+    const bool is_signed = kind == 'i';
+    switch (itemsize) {
+        case 8: return is_signed ? 'l' : 'L';
+        case 4: return is_signed ? 'i' : 'I';
+        case 2: return is_signed ? 'h' : 'H';
+        case 1: return is_signed ? 'b' : 'B';
+        default: return 0;
     }
+}
+
+std::string shape_text(const py::detail::PyArray_Proxy* proxy) {
+    std::string text = "(";
+    for (int d = 0; d < proxy->nd; ++d) text += (d ? ", " : "") + std::to_string(proxy->dimensions[d]);
+    return text + (proxy->nd == 1 ? ",)" : ")");
+}
+
+// Reads a numpy array as 1-D integers into `view`: in place when it is contiguous, native-endian
+// and of a plain integer type, else through one converting copy to int64. Returns "" or what is
+// wrong ("must be a flat 1-D sequence of integers, got shape (2, 3)", "must be integers, got
+// dtype float64"). An empty array of any dtype reads as empty (the caller reports emptiness).
+std::string read_array(py::handle array, IntView& view) {
+    const auto* proxy = py::detail::array_proxy(array.ptr());
+    if (proxy->nd != 1) return "must be a flat 1-D sequence of integers, got shape " + shape_text(proxy);
+    auto dtype = py::reinterpret_borrow<py::dtype>(proxy->descr);
+    view.size = proxy->dimensions[0];
+    view.staged = -1;
+    view.type = 'l';
+    view.data = nullptr;
+    const char kind = dtype.kind();
+    if (kind != 'i' && kind != 'u') {
+        if (view.size == 0) return "";
+        return "must be integers, got dtype " + std::string(py::str(dtype));
+    }
+    const char code = int_code(kind, dtype.itemsize());
+    const char order = dtype.byteorder();
+    const bool native = order == '=' || order == '|' || order == (little_endian() ? '<' : '>');
+    const bool contiguous = view.size <= 1 || proxy->strides[0] == dtype.itemsize();
+    if (code != 0 && native && contiguous) {
+        view.data = proxy->data;
+        view.type = code;
+        view.keep = py::reinterpret_borrow<py::object>(array);
+        return "";
+    }
+    auto copy = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(array);
+    if (!copy) throw py::error_already_set();
+    view.data = copy.data();
+    view.keep = std::move(copy);
+    return "";
+}
+
+inline bool is_sequence_like(PyObject* value) {
+    if (PyLong_Check(value) || PyFloat_Check(value) || PyUnicode_Check(value) || PyBytes_Check(value)) return false;
+    if (PyList_Check(value) || PyTuple_Check(value) || py::isinstance<py::array>(value)) return true;
+    return PyObject_HasAttrString(value, "__len__") == 1;
+}
+
+// Reads a Python list or tuple of ints into `stage` (int64) and points `view` at it (by offset).
+// Returns "" or what is wrong. Ints beyond int64 are clamped (the token range check rejects them).
+std::string read_int_list(PyObject* seq, IntView& view, std::vector<int64_t>& stage) {
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject** items = PySequence_Fast_ITEMS(seq);
+    const size_t start = stage.size();
+    stage.resize(start + static_cast<size_t>(n));
+    int64_t* out = stage.data() + start;
+    for (Py_ssize_t k = 0; k < n; ++k) {
+        PyObject* item = items[k];
+        int overflow = 0;
+        long long value;
+        if (PyLong_CheckExact(item)) {
+            value = PyLong_AsLongLongAndOverflow(item, &overflow);
+        } else if (PyBool_Check(item) || PyFloat_Check(item) || !PyIndex_Check(item)) {
+            stage.resize(start);
+            if (is_sequence_like(item))
+                return "must be a flat 1-D sequence of integers (element " + std::to_string(k) + " is a " +
+                       Py_TYPE(item)->tp_name + ")";
+            return std::string("must be integers, got ") + Py_TYPE(item)->tp_name;
+        } else {  // an int subclass or an integer scalar of numpy
+            py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(item));
+            if (!index) throw py::error_already_set();
+            value = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+        }
+        if (overflow != 0)
+            value = overflow > 0 ? std::numeric_limits<int64_t>::max() : std::numeric_limits<int64_t>::min();
+        out[k] = static_cast<int64_t>(value);
+    }
+    view.data = nullptr;
+    view.type = 'l';
+    view.size = n;
+    view.staged = static_cast<int64_t>(start);
+    view.keep = py::object();
+    return "";
+}
+
+// Reads one example's ids or labels (a numpy array, a list or tuple of ints, or anything numpy
+// turns into an integer array) into `view`; returns "" or what is wrong.
+std::string read_tokens(py::handle value, IntView& view, std::vector<int64_t>& stage) {
+    PyObject* p = value.ptr();
+    if (py::isinstance<py::array>(value)) return read_array(value, view);
+    if (PyList_Check(p) || PyTuple_Check(p)) return read_int_list(p, view, stage);
+    if (p == Py_None || PyUnicode_Check(p) || PyBytes_Check(p) || PyLong_Check(p) || PyFloat_Check(p))
+        return std::string("must be a flat sequence of integers, got ") + Py_TYPE(p)->tp_name;
+    py::array array = py::reinterpret_steal<py::array>(py::detail::npy_api::get().PyArray_FromAny_(
+        p, nullptr, 0, 0, py::detail::npy_api::NPY_ARRAY_ENSUREARRAY_, nullptr));
+    if (!array) {
+        PyErr_Clear();
+        return std::string("must be a flat sequence of integers, got ") + Py_TYPE(p)->tp_name;
+    }
+    return read_array(array, view);
+}
+
+// Position of the first value of p[0:n] outside the token range [0, 2^31 - 1], or -1.
+template <typename T>
+REFTEACHER_VECTOR_CLONES int64_t first_bad_token(const T* p, int64_t n) {
+    if constexpr (std::is_unsigned_v<T> && sizeof(T) < 4) {
+        return -1;
+    } else {
+        uint64_t outside = 0;  // one vectorised pass; the position is looked for only on failure
+        for (int64_t i = 0; i < n; ++i) outside |= static_cast<uint64_t>(static_cast<int64_t>(p[i])) >> 31;
+        if (outside == 0) return -1;
+        for (int64_t i = 0; i < n; ++i) {
+            if ((static_cast<uint64_t>(static_cast<int64_t>(p[i])) >> 31) != 0) return i;
+        }
+        return -1;
+    }
+}
+
+// "example E: token ids must be >= 0, got V" or "... must fit in int32 ..., got V".
+template <typename T>
+std::string bad_token_message(int64_t example, T value) {
+    std::string shown = std::is_signed_v<T> ? std::to_string(static_cast<int64_t>(value))
+                                            : std::to_string(static_cast<uint64_t>(value));
+    if (std::is_signed_v<T> && static_cast<int64_t>(value) < 0)
+        return "example " + std::to_string(example) + ": token ids must be >= 0, got " + shown;
+    return "example " + std::to_string(example) + ": token ids must fit in int32 (at most " +
+           std::to_string(kMaxTokenId) + "), got " + shown;
+}
+
+// Writes mask[t] = (labels[t] != -100) for one example and returns the first position where a
+// label is neither -100 nor the token id (-1 when there is none).
+template <typename TI, typename TL>
+int64_t labels_to_mask(const TI* ids, const TL* labels, int64_t n, uint8_t* mask) {
+    int64_t bad = -1;
+    for (int64_t t = 0; t < n; ++t) {
+        const int64_t label = static_cast<int64_t>(labels[t]);
+        const bool loss = label != kIgnoreIndex;
+        mask[t] = loss;
+        if (loss && label != static_cast<int64_t>(ids[t]) && bad < 0) bad = t;
+    }
+    return bad;
+}
+
+// n + 1 example offsets, int32 (Arrow lists) or int64 (Arrow large lists, numpy), read in place.
+struct Offsets {
+    const int32_t* i32 = nullptr;
+    const int64_t* i64 = nullptr;
+    int64_t count = 0;  // n + 1
+    py::object keep;
+    int64_t operator[](int64_t i) const { return i64 ? i64[i] : static_cast<int64_t>(i32[i]); }
+};
+
+Offsets read_offsets(py::handle obj, const char* what) {
+    py::array array = py::array::ensure(obj);
+    if (!array) throw std::invalid_argument(std::string(what) + " must be an array of integers");
+    IntView view;
+    std::string problem = read_array(array, view);
+    if (!problem.empty()) throw std::invalid_argument(std::string(what) + " " + problem);
+    Offsets out;
+    out.count = view.size;
+    if (view.type != 'l' && view.type != 'i') {  // other integer types: one copy to int64
+        auto copy = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(array);
+        out.i64 = copy.data();
+        out.keep = std::move(copy);
+        return out;
+    }
+    if (view.type == 'l') out.i64 = static_cast<const int64_t*>(view.data);
+    else out.i32 = static_cast<const int32_t*>(view.data);
+    out.keep = std::move(view.keep);
+    return out;
 }
 
 // Writes one item's tokens into the three int64 outputs in a single pass (vectorised by the compiler).
 // Plain stores, not streaming ones: the pooled output blocks mostly stay in cache, and measured
 // streaming stores were slower.
+REFTEACHER_VECTOR_CLONES
 void write_item(const int32_t* __restrict src, const uint8_t* __restrict mask, size_t len, int64_t* __restrict ids,
                 int64_t* __restrict labels, int64_t* __restrict positions) {
     if (mask == nullptr) {
@@ -316,6 +525,19 @@ void write_item(const int32_t* __restrict src, const uint8_t* __restrict mask, s
         }
     }
     labels[0] = -100;
+}
+
+// dst[0:n] = src[0:n] as int32 (values already checked to fit).
+template <typename T>
+REFTEACHER_VECTOR_CLONES void copy_to_int32(const T* __restrict src, int32_t* __restrict dst, int64_t n) {
+    for (int64_t t = 0; t < n; ++t) dst[t] = static_cast<int32_t>(src[t]);
+}
+
+// True when every byte of mask[0:n] is nonzero.
+REFTEACHER_VECTOR_CLONES bool all_set(const uint8_t* mask, int64_t n) {
+    uint8_t all = 1;
+    for (int64_t t = 0; t < n; ++t) all &= (mask[t] != 0);
+    return all != 0;
 }
 
 // Marks a packer busy for one call; a second thread calling in meanwhile gets RuntimeError.
@@ -348,28 +570,101 @@ public:
         row_segment_offsets_.push_back(0);
     }
 
-    // One example: ids (1-D integer array), mask (1-D, same length, nonzero = loss) or None.
-    void add(py::array ids, py::object mask) {
+    // One example: ids (1-D integers), mask (1-D bool/uint8, same length, nonzero = loss) or None.
+    void add(py::object ids, py::object mask) {
         BusyGuard busy(busy_);
-        TokenView view(ids, "token ids");
-        const int64_t offsets[2] = {0, view.size()};
-        add_checked(view, offsets, 1, mask);
+        IntView view;
+        std::vector<int64_t> stage;
+        const std::string problem = read_tokens(ids, view, stage);
+        if (!problem.empty()) throw std::invalid_argument("token ids " + problem);
+        if (view.staged >= 0) view.data = stage.data();
+        const int64_t bounds[2] = {0, view.size};
+        Offsets offsets;
+        offsets.i64 = bounds;
+        offsets.count = 2;
+        add_flat(view, offsets, mask, py::none(), py::none());
     }
 
-    // Many examples: flat ids, offsets (n + 1 non-decreasing positions into ids), flat mask or None.
-    void add_many(py::array flat_ids, py::array offsets, py::object flat_mask) {
+    // Many examples: flat ids, offsets (n + 1 non-decreasing positions into ids, int32 or int64
+    // read in place), and per token either a mask or labels (with their own offsets, or the ids').
+    void add_many(py::object flat_ids, py::object offsets, py::object flat_mask, py::object flat_labels,
+                  py::object label_offsets) {
         BusyGuard busy(busy_);
-        TokenView view(flat_ids, "token ids");
-        if (offsets.ndim() != 1) throw std::invalid_argument("offsets must be a 1-D array");
-        const char kind = offsets.dtype().kind();
-        if (kind != 'i' && kind != 'u' && offsets.size() != 0)
-            throw std::invalid_argument("offsets must be integers, got dtype " + std::string(py::str(offsets.dtype())));
-        auto offs = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(offsets);
-        if (offs.size() < 1) throw std::invalid_argument("offsets must hold at least one entry (n + 1 for n examples)");
-        const int64_t* o = offs.data();
-        const int64_t n = static_cast<int64_t>(offs.size()) - 1;
-        if (o[0] < 0 || o[n] > view.size()) throw std::invalid_argument("offsets point outside the flat id array");
-        add_checked(view, o, n, flat_mask);
+        IntView view = read_flat(flat_ids, "token ids");
+        add_flat(view, read_offsets(offsets, "offsets"), flat_mask, flat_labels, label_offsets);
+    }
+
+    // A list (or tuple) of examples, each an integer sequence, an (input_ids, labels) pair or a dict
+    // with "input_ids" and optional "labels" (-100 where no loss is taken).
+    void add_list(py::object examples) {
+        BusyGuard busy(busy_);
+        py::object seq =
+            py::reinterpret_steal<py::object>(PySequence_Fast(examples.ptr(), "examples must be a list or tuple"));
+        if (!seq) throw py::error_already_set();
+        const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
+        PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+        std::vector<IntView> views(static_cast<size_t>(n));
+        std::vector<int64_t> mask_at(static_cast<size_t>(n), -1);
+        id_stage_.clear();
+        mask_stage_.clear();
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            const int64_t example = next_example_ + i;
+            PyObject* item = items[i];
+            PyObject* ids = item;
+            PyObject* labels = nullptr;
+            if (PyDict_Check(item)) {
+                ids = PyDict_GetItemString(item, "input_ids");
+                if (ids == nullptr)
+                    throw std::invalid_argument("example " + std::to_string(example) +
+                                                ": a mapping needs an 'input_ids' key");
+                labels = PyDict_GetItemString(item, "labels");
+            } else if ((PyTuple_Check(item) || PyList_Check(item)) && PySequence_Fast_GET_SIZE(item) == 2 &&
+                       is_sequence_like(PySequence_Fast_GET_ITEM(item, 0)) &&
+                       is_sequence_like(PySequence_Fast_GET_ITEM(item, 1))) {
+                ids = PySequence_Fast_GET_ITEM(item, 0);
+                labels = PySequence_Fast_GET_ITEM(item, 1);
+            }
+            IntView& view = views[static_cast<size_t>(i)];
+            std::string problem = read_tokens(ids, view, id_stage_);
+            if (!problem.empty())
+                throw std::invalid_argument("example " + std::to_string(example) + ": input_ids " + problem);
+            if (view.size == 0) throw std::invalid_argument(empty_message(example));
+            IntView at = view;  // the staging vector does not move until the next example is read
+            if (at.staged >= 0) at.data = id_stage_.data() + at.staged;
+            at.visit([&](auto* p) {
+                const int64_t bad = first_bad_token(p, at.size);
+                if (bad >= 0) throw std::invalid_argument(bad_token_message(example, p[bad]));
+            });
+            if (labels != nullptr && labels != Py_None) {
+                IntView label_view;
+                label_stage_.clear();
+                problem = read_tokens(labels, label_view, label_stage_);
+                if (!problem.empty())
+                    throw std::invalid_argument("example " + std::to_string(example) + ": labels " + problem);
+                if (label_view.staged >= 0) label_view.data = label_stage_.data() + label_view.staged;
+                if (label_view.size != at.size)
+                    throw std::invalid_argument(label_count_message(example, label_view.size, at.size));
+                mask_at[static_cast<size_t>(i)] = static_cast<int64_t>(mask_stage_.size());
+                mask_stage_.resize(mask_stage_.size() + static_cast<size_t>(at.size));
+                uint8_t* mask = mask_stage_.data() + mask_at[static_cast<size_t>(i)];
+                at.visit([&](auto* p) {
+                    label_view.visit([&](auto* l) {
+                        if (labels_to_mask(p, l, at.size, mask) >= 0)
+                            throw std::invalid_argument(label_value_message(example));
+                    });
+                });
+            }
+            if (view.size > max_len_ && overflow_ == Overflow::Error)
+                throw std::invalid_argument(too_long_message(example, view.size));
+        }
+        py::gil_scoped_release unlocked;
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            IntView& view = views[static_cast<size_t>(i)];
+            if (view.staged >= 0) view.data = id_stage_.data() + view.staged;
+            const int64_t m = mask_at[static_cast<size_t>(i)];
+            const uint8_t* mask = m >= 0 ? mask_stage_.data() + m : nullptr;
+            view.visit([&](auto* p) { push_example(next_example_++, p, mask, view.size); });
+        }
     }
 
     // Rows decided so far, as flat arrays; clears them.
@@ -402,50 +697,152 @@ public:
     int64_t max_open() const { return max_open_; }
 
 private:
-    // Validates every example of the call before adding any, so a bad one leaves the packer unchanged.
-    void add_checked(const TokenView& ids, const int64_t* o, int64_t n, py::object mask_obj) {
-        py::array_t<uint8_t, py::array::c_style> mask;
-        const bool has_mask = !mask_obj.is_none();
-        if (has_mask) {
-            py::array m = py::array::ensure(mask_obj);
-            if (!m || m.ndim() != 1 || m.size() != ids.size())
-                throw std::invalid_argument("label mask must be a 1-D array as long as the token ids");
-            char kind = m.dtype().kind();
-            if (kind != 'b' && !(kind == 'u' && m.itemsize() == 1))
-                throw std::invalid_argument("label mask must be a bool or uint8 array");
-            mask = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>::ensure(m);
+    static std::string empty_message(int64_t example) {
+        return "example " + std::to_string(example) + " is empty; drop empty examples before packing";
+    }
+    std::string too_long_message(int64_t example, int64_t len) const {
+        return "example " + std::to_string(example) + " has " + std::to_string(len) + " tokens, more than max_len=" +
+               std::to_string(max_len_) + "; raise max_len or pass overflow='truncate' or 'split'";
+    }
+    static std::string label_count_message(int64_t example, int64_t labels, int64_t ids) {
+        return "example " + std::to_string(example) + ": labels have " + std::to_string(labels) +
+               " entries but input_ids " + std::to_string(ids) + "; give one label per token";
+    }
+    static std::string label_value_message(int64_t example) {
+        return "example " + std::to_string(example) +
+               ": labels must equal input_ids where loss is taken and be -100 elsewhere "
+               "(pass unshifted labels; the model shifts them)";
+    }
+
+    static IntView read_flat(py::object values, const char* what) {
+        py::array array = py::array::ensure(values);
+        if (!array) {
+            PyErr_Clear();
+            throw std::invalid_argument(std::string(what) + " must be a 1-D array of integers");
         }
+        IntView view;
+        const std::string problem = read_array(array, view);
+        if (!problem.empty()) throw std::invalid_argument(std::string(what) + " " + problem);
+        return view;
+    }
+
+    // The example whose tokens hold flat position `pos` (offsets strictly increasing by then).
+    static int64_t example_at(const Offsets& o, int64_t pos) {
+        int64_t lo = 0, hi = o.count - 1;  // o[lo] <= pos < o[hi]
+        while (hi - lo > 1) {
+            const int64_t mid = lo + (hi - lo) / 2;
+            if (o[mid] <= pos) lo = mid;
+            else hi = mid;
+        }
+        return lo;
+    }
+
+    // Validates every example of the call before adding any, so a bad one leaves the packer unchanged.
+    void add_flat(const IntView& ids, const Offsets& o, py::object mask_obj, py::object labels_obj,
+                  py::object label_offsets_obj) {
+        if (o.count < 1) throw std::invalid_argument("offsets must hold at least one entry (n + 1 for n examples)");
+        const int64_t n = o.count - 1;
+        const int64_t first = o[0];
+        if (first < 0 || first > ids.size)
+            throw std::invalid_argument("offsets point outside the flat id array: offsets[0] is " +
+                                        std::to_string(first) + " for " + std::to_string(ids.size) + " token ids");
         for (int64_t i = 0; i < n; ++i) {
             const int64_t len = o[i + 1] - o[i];
             const int64_t example = next_example_ + i;
-            if (len < 0) throw std::invalid_argument("offsets must be non-decreasing");
-            if (len == 0)
-                throw std::invalid_argument("example " + std::to_string(example) +
-                                            " is empty; drop empty examples before packing");
+            if (len < 0)
+                throw std::invalid_argument("offsets must be non-decreasing: offsets[" + std::to_string(i + 1) +
+                                            "] = " + std::to_string(o[i + 1]) + " < offsets[" + std::to_string(i) +
+                                            "] = " + std::to_string(o[i]) + " (example " + std::to_string(example) +
+                                            ")");
+            if (len == 0) throw std::invalid_argument(empty_message(example));
             if (len > max_len_ && overflow_ == Overflow::Error)
-                throw std::invalid_argument("example " + std::to_string(example) + " has " + std::to_string(len) +
-                                            " tokens, more than max_len=" + std::to_string(max_len_) +
-                                            "; raise max_len or pass overflow='truncate' or 'split'");
+                throw std::invalid_argument(too_long_message(example, len));
         }
-        const uint8_t* mk = has_mask ? mask.data() : nullptr;
-        const int64_t first = n > 0 ? o[0] : 0, last = n > 0 ? o[n] : 0;
-        py::gil_scoped_release unlocked;
-        bool fits = true;
-        ids.visit([&](auto* id) { fits = fits_int32(id + first, last - first); });
-        if (!fits) throw std::invalid_argument("token ids must fit in int32 (-2147483648 to 2147483647)");
-        ids.visit([&](auto* id) {
-            for (int64_t i = 0; i < n; ++i) {
-                const int64_t example = next_example_++;
-                int64_t begin = o[i];
-                int64_t end = o[i + 1];
-                if (end - begin > max_len_ && overflow_ == Overflow::Truncate) end = begin + max_len_;
-                while (begin < end) {
-                    const int64_t piece_end = std::min(end, begin + max_len_);
-                    push_item(example, id + begin, mk ? mk + begin : nullptr, piece_end - begin);
-                    begin = piece_end;
-                }
+        const int64_t last = o[n];
+        if (last > ids.size)
+            throw std::invalid_argument("offsets point outside the flat id array: the last offset is " +
+                                        std::to_string(last) + " but there are " + std::to_string(ids.size) +
+                                        " token ids");
+        if (!mask_obj.is_none() && !labels_obj.is_none())
+            throw std::invalid_argument("pass labels or a label mask, not both");
+        ids.visit([&](auto* p) {
+            const int64_t bad = first_bad_token(p + first, last - first);
+            if (bad >= 0) {
+                const int64_t i = example_at(o, first + bad);
+                throw std::invalid_argument(bad_token_message(next_example_ + i, p[first + bad]));
             }
         });
+        // The mask of flat position t is mask[t] (a caller's mask) or mask_stage_[t - first] (from labels).
+        py::array_t<uint8_t, py::array::c_style> mask_array;
+        const uint8_t* mask = nullptr;
+        bool staged_mask = false;
+        if (!mask_obj.is_none()) {
+            py::array m = py::array::ensure(mask_obj);
+            if (!m || m.ndim() != 1 || m.size() != ids.size) {
+                PyErr_Clear();
+                throw std::invalid_argument("label mask must be a 1-D array as long as the token ids");
+            }
+            const char kind = m.dtype().kind();
+            if (kind != 'b' && !(kind == 'u' && m.itemsize() == 1))
+                throw std::invalid_argument("label mask must be a bool or uint8 array");
+            mask_array = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>::ensure(m);
+            mask = mask_array.data();
+        } else if (!labels_obj.is_none()) {
+            stage_labels(ids, o, labels_obj, label_offsets_obj);
+            mask = mask_stage_.data();
+            staged_mask = true;
+        }
+        py::gil_scoped_release unlocked;
+        ids.visit([&](auto* p) {
+            for (int64_t i = 0; i < n; ++i) {
+                const int64_t begin = o[i];
+                const uint8_t* m = mask == nullptr ? nullptr : mask + (staged_mask ? begin - first : begin);
+                push_example(next_example_++, p + begin, m, o[i + 1] - begin);
+            }
+        });
+    }
+
+    // Checks flat labels against the ids (one label per token, -100 or the token id) and writes the
+    // loss mask of flat positions [o[0], o[n]) to mask_stage_.
+    void stage_labels(const IntView& ids, const Offsets& o, py::object labels_obj, py::object label_offsets_obj) {
+        const IntView labels = read_flat(labels_obj, "labels");
+        const int64_t n = o.count - 1, first = o[0];
+        Offsets lo = o;
+        if (label_offsets_obj.is_none()) {
+            if (labels.size != ids.size)
+                throw std::invalid_argument("labels must be as long as the token ids (one label per token), got " +
+                                            std::to_string(labels.size) + " for " + std::to_string(ids.size));
+        } else {
+            lo = read_offsets(label_offsets_obj, "label offsets");
+            if (lo.count != o.count)
+                throw std::invalid_argument("label offsets must have one entry per id offset, got " +
+                                            std::to_string(lo.count) + " for " + std::to_string(o.count));
+            if (lo[0] < 0) throw std::invalid_argument("label offsets point outside the flat labels");
+            for (int64_t i = 0; i < n; ++i) {
+                const int64_t want = o[i + 1] - o[i], got = lo[i + 1] - lo[i];
+                if (got != want) throw std::invalid_argument(label_count_message(next_example_ + i, got, want));
+            }
+            if (lo[n] > labels.size) throw std::invalid_argument("label offsets point outside the flat labels");
+        }
+        mask_stage_.resize(static_cast<size_t>(o[n] - first));
+        ids.visit([&](auto* p) {
+            labels.visit([&](auto* l) {
+                for (int64_t i = 0; i < n; ++i) {
+                    const int64_t len = o[i + 1] - o[i];
+                    if (labels_to_mask(p + o[i], l + lo[i], len, mask_stage_.data() + (o[i] - first)) >= 0)
+                        throw std::invalid_argument(label_value_message(next_example_ + i));
+                }
+            });
+        });
+    }
+
+    // Adds one checked example: whole, truncated to max_len, or split into max_len pieces.
+    template <typename T>
+    void push_example(int64_t example, const T* ids, const uint8_t* mask, int64_t len) {
+        if (len > max_len_ && overflow_ == Overflow::Truncate) len = max_len_;
+        for (int64_t begin = 0; begin < len; begin += max_len_) {
+            push_item(example, ids + begin, mask ? mask + begin : nullptr, std::min(len - begin, max_len_));
+        }
     }
 
     template <typename T>
@@ -466,13 +863,8 @@ private:
         Item& item = items_[slot];
         item.example = example;
         item.length = len;
-        int32_t* dst = item.ids.get();
-        for (int64_t t = 0; t < len; ++t) dst[t] = static_cast<int32_t>(ids[t]);
-        uint8_t all = 1;
-        if (mask) {
-            for (int64_t t = 0; t < len; ++t) all &= (mask[t] != 0);
-        }
-        item.masked = !all;
+        copy_to_int32(ids, item.ids.get(), len);
+        item.masked = mask != nullptr && !all_set(mask, len);
         if (item.masked) {
             if (!item.mask) item.mask.reset(new uint8_t[room]);
             std::memcpy(item.mask.get(), mask, static_cast<size_t>(len));
@@ -574,12 +966,17 @@ private:
 
     std::vector<Item> items_;
     std::vector<int64_t> free_items_[33];  // free slots by size class (max_len < 2^31)
-    std::set<PendingKey, PendingOrder> pending_;
+    NodeCache pending_nodes_, row_nodes_;  // declared before the sets that use them
+    std::set<PendingKey, PendingOrder, CachingAllocator<PendingKey>> pending_{
+        PendingOrder(), CachingAllocator<PendingKey>(&pending_nodes_)};
     std::vector<Row> rows_;
     std::vector<int64_t> free_rows_;
-    std::set<RowKey, RowOrder> open_rows_;
+    std::set<RowKey, RowOrder, CachingAllocator<RowKey>> open_rows_{RowOrder(), CachingAllocator<RowKey>(&row_nodes_)};
 
     Buffer<int64_t> out_ids_, out_labels_, out_positions_, row_offsets_, out_examples_, row_segment_offsets_;
+    // Per call: ids read from Python lists, labels of one example, the loss mask made from labels.
+    std::vector<int64_t> id_stage_, label_stage_;
+    std::vector<uint8_t> mask_stage_;
     Buffer<int32_t> out_cu_seqlens_;
 };
 
@@ -591,12 +988,20 @@ PYBIND11_MODULE(_packer, m) {
         .def(py::init<int64_t, int64_t, const std::string&, int64_t>(), py::arg("max_len"), py::arg("window") = 1000,
              py::arg("overflow") = "error", py::arg("max_open") = 64)
         .def("add", &Packer::add, py::arg("ids"), py::arg("label_mask") = py::none(),
-             "Add one example: 1-D integer ids (any integer dtype, values within int32) and an optional "
+             "Add one example: 1-D integer ids (any integer dtype, values in [0, 2**31 - 1]) and an optional "
              "1-D bool/uint8 label mask (nonzero = loss).")
         .def("add_many", &Packer::add_many, py::arg("flat_ids"), py::arg("offsets"),
-             py::arg("flat_label_mask") = py::none(),
-             "Add n examples: flat 1-D integer ids (read in place, values within int32), n + 1 integer "
-             "offsets, optional flat bool/uint8 label mask.")
+             py::arg("flat_label_mask") = py::none(), py::kw_only(), py::arg("flat_labels") = py::none(),
+             py::arg("label_offsets") = py::none(),
+             "Add n examples: flat 1-D integer ids [T] (read in place, values in [0, 2**31 - 1]), n + 1 "
+             "non-decreasing offsets (int32 or int64 read in place; the layout of an Arrow list column), and "
+             "per token either a bool/uint8 mask [T] or integer labels (-100 = no loss, else the token id) "
+             "laid out by label_offsets (default: the ids' offsets, labels as long as the ids). Everything is "
+             "checked before anything is added: ValueError names the first bad example.")
+        .def("add_list", &Packer::add_list, py::arg("examples"),
+             "Add a list of examples, each a 1-D integer sequence (numpy array, list or tuple of ints), an "
+             "(input_ids, labels) pair or a dict with 'input_ids' and optional 'labels' (-100 = no loss). "
+             "Everything is checked before anything is added: ValueError names the first bad example.")
         .def("pop_ready", &Packer::pop_ready,
              "Return and clear the rows decided so far: (input_ids int64[T], labels int64[T], position_ids "
              "int64[T], row_offsets int64[R+1], cu_seqlens int32[S+R] (each row's own 0..len), "

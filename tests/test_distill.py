@@ -87,14 +87,14 @@ def test_task_cross_entropy_equals_the_model_loss(tiny):
 
 def test_alignment_kl_is_zero_against_itself_and_trains_only_lora(tiny, tiny_model_dir):
     from refteacher.engine.finetune.config import FinetuneConfig
-    from refteacher.engine.finetune.dataset import PackedPairCollator, PairedRows, encode_rows, pack_examples
+    from refteacher.engine.finetune.dataset import PackedPairCollator, PairedRows, pack_records
     from refteacher.engine.finetune.losses import alignment_kl
     from refteacher.engine.finetune.trainer import add_lora
     from refteacher.engine.modeling.loading import load_model
 
     model, tokenizer = tiny
     teacher = load_model(str(tiny_model_dir), device="cpu")  # a separate copy: LoRA wraps `model` in place
-    rows = pack_examples(encode_rows(tokenizer, ROWS, 64), 64)
+    rows = list(pack_records(tokenizer, enumerate(ROWS, 1), 64))
     batch = PackedPairCollator(tokenizer.pad_token_id)(list(PairedRows(rows, rows)))
     student = add_lora(model, FinetuneConfig(data="-", out="-", baseline="sft", lora_r=4))
     try:
@@ -116,13 +116,13 @@ def test_alignment_kl_is_zero_against_itself_and_trains_only_lora(tiny, tiny_mod
 
 
 def test_collator_pairs_task_and_alignment_rows(tiny):
-    from refteacher.engine.finetune.dataset import PackedPairCollator, PairedRows, encode_rows, pack_examples
+    from refteacher.engine.finetune.dataset import PackedPairCollator, PairedRows, encoded_examples, pack_records
 
     _, tokenizer = tiny
-    examples = encode_rows(tokenizer, ROWS, 256)
+    examples = list(encoded_examples(tokenizer, enumerate(ROWS, 1), 256))
     longest = max(len(ids) for ids, _ in examples)
-    task = pack_examples(examples, longest)  # the longest example fills a row: at least two rows
-    align = pack_examples(encode_rows(tokenizer, ROWS[:1], 256), 256)
+    task = list(pack_records(tokenizer, enumerate(ROWS, 1), longest))  # the longest fills a row: two rows or more
+    align = list(pack_records(tokenizer, enumerate(ROWS[:1], 1), 256))
     dataset = PairedRows(task, align)
     assert len(dataset) == len(task) and all(dataset[i]["align"] is align[0] for i in range(len(task)))
     batch = PackedPairCollator(tokenizer.pad_token_id)([dataset[0], dataset[1]])

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -11,6 +13,7 @@ from refteacher.engine.data import _packer
 from refteacher.engine.data.packing import (
     PackedRow,
     collate_packed,
+    pack_arrow,
     pack_sequences,
     pack_token_chunks,
     packing_efficiency,
@@ -377,14 +380,20 @@ def test_token_ids_must_fit_in_int32():
         list(pack_sequences_reference([[1, 2], [3, big]], 8))
     with pytest.raises(UserError, match="fit in int32"):
         list(pack_token_chunks([(np.array([1, 2, big], dtype=np.uint64), np.array([0, 1, 3]))], 8))
+    with pytest.raises(UserError, match=r"example 1: token ids must be >= 0, got -1"):
+        list(pack_token_chunks([(np.array([1, 2, -1], dtype=np.int16), np.array([0, 1, 3]))], 8))
     packer = _packer.Packer(8, 4, "error", 2)
-    with pytest.raises(ValueError, match="fit in int32"):
+    with pytest.raises(
+        ValueError, match=r"example 1: token ids must fit in int32 \(at most 2147483647\), got 2147483648"
+    ):
+        packer.add_many(np.array([5, big], dtype=np.int64), np.array([0, 1, 2], dtype=np.int64))
+    with pytest.raises(ValueError, match=r"example 1: token ids must be >= 0"):
         packer.add_many(np.array([5, -big - 1], dtype=np.int64), np.array([0, 1, 2], dtype=np.int64))
     assert packer.examples_added == 0 and packer.pending_count == 0  # a failed call adds nothing
-    packer.add(np.array([big - 1, -big], dtype=np.int64))  # the int32 extremes are fine
+    packer.add(np.array([big - 1, 0], dtype=np.int64))  # the range's ends are fine
     packer.flush()
     ids = packer.pop_ready()[0]
-    assert ids.dtype == np.int64 and ids.tolist() == [big - 1, -big]
+    assert ids.dtype == np.int64 and ids.tolist() == [big - 1, 0]
 
 
 def test_popped_arrays_keep_their_values_while_memory_is_recycled():
@@ -411,3 +420,304 @@ def test_popped_arrays_keep_their_values_while_memory_is_recycled():
         for a, b in zip(ready, copy):
             assert a.dtype == b.dtype
             np.testing.assert_array_equal(a, b)
+
+
+
+# --------------------------------------------------------------------------------------------
+# Arrow list columns, flat chunks and per-example lists: one packer, the same rows
+# --------------------------------------------------------------------------------------------
+
+
+def _list_column(rows, large=False, value_type=pa.int32()):
+    kind = pa.large_list(value_type) if large else pa.list_(value_type)
+    return pa.array([[int(v) for v in row] for row in rows], type=kind)
+
+
+def _same_rows(got, expected):
+    assert len(got) == len(expected)
+    assert all(a == b for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("large", [False, True])
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_arrow_column_gives_the_rows_of_per_example_input(large, with_labels):
+    lengths = np.random.default_rng(10).integers(1, 300, 1500)
+    examples = make_examples(lengths, seed=11, with_labels=with_labels)
+    ids = [e[0] for e in examples] if with_labels else examples
+    column = _list_column(ids, large, pa.int64() if large else pa.int32())
+    labels = _list_column([e[1] for e in examples], large, pa.int64()) if with_labels else None
+    expected = list(pack_sequences(examples, 512, window=50, max_open=8))
+    check_rows(expected, examples, 512)
+    _same_rows(list(pack_arrow(column, 512, labels=labels, window=50, max_open=8)), expected)
+    # Chunked columns (sliced chunks over shared buffers), chunked differently for ids and labels.
+    chunked = pa.chunked_array([column.slice(s, 400) for s in range(0, len(column), 400)])
+    chunked_labels = None
+    if with_labels:
+        chunked_labels = pa.chunked_array([labels.slice(s, 333) for s in range(0, len(labels), 333)])
+    _same_rows(list(pack_arrow(chunked, 512, labels=chunked_labels, window=50, max_open=8)), expected)
+    # An iterable of chunks, as record batches stream from a file.
+    parts = iter(chunked.chunks)
+    _same_rows(list(pack_arrow(parts, 512, labels=chunked_labels, window=50, max_open=8)), expected)
+
+
+def test_arrow_batches_streamed_from_parquet_give_the_same_rows(tmp_path):
+    lengths = np.random.default_rng(12).integers(1, 200, 700)
+    examples = make_examples(lengths, seed=13, with_labels=True)
+    table = pa.table({"input_ids": _list_column([e[0] for e in examples]),
+                      "labels": _list_column([e[1] for e in examples], value_type=pa.int64())})
+    path = tmp_path / "tokens.parquet"
+    pq.write_table(table, path, row_group_size=128)
+    batches = list(pq.ParquetFile(path).iter_batches(batch_size=100))
+    got = list(pack_arrow((b.column("input_ids") for b in batches), 256,
+                          labels=(b.column("labels") for b in batches), window=40))
+    _same_rows(got, list(pack_sequences(examples, 256, window=40)))
+
+
+def test_arrow_buffers_are_read_in_place():
+    from refteacher.engine.data.packing import _list_buffers
+
+    column = _list_column([[1, 2, 3], [4, 5], [6]] * 10).slice(4, 12)
+    values, offsets = _list_buffers(column, "input_ids", 0)
+    assert values.dtype == np.int32 and offsets.dtype == np.int32
+    assert values.ctypes.data == column.values.buffers()[1].address  # the Arrow values buffer itself
+    assert offsets.ctypes.data == column.buffers()[1].address + 4 * column.offset
+    large = _list_column([[1, 2], [3]], large=True, value_type=pa.int64())
+    values, offsets = _list_buffers(large, "input_ids", 0)
+    assert offsets.dtype == np.int64 and offsets.ctypes.data == large.buffers()[1].address
+
+
+def test_empty_input_gives_no_rows():
+    empty = pa.array([], type=pa.list_(pa.int32()))
+    assert list(pack_sequences([], 8)) == []
+    assert list(pack_sequences_reference([], 8)) == []
+    assert list(pack_token_chunks([], 8)) == []
+    assert list(pack_token_chunks([(np.zeros(0, np.int32), np.zeros(1, np.int64))], 8)) == []
+    assert list(pack_arrow(empty, 8)) == []
+    assert list(pack_arrow(pa.chunked_array([], type=empty.type), 8)) == []
+    assert list(pack_arrow(pa.chunked_array([empty, empty]), 8, labels=pa.chunked_array([empty]))) == []
+
+
+@pytest.mark.parametrize("overflow", ["error", "truncate", "split"])
+def test_an_example_longer_than_max_len_is_treated_alike_on_every_input(overflow):
+    examples = make_examples([5, 25, 3, 10], seed=3)
+    flat = np.concatenate([np.asarray(e) for e in examples])
+    offsets = np.array([0, 5, 30, 33, 43])
+    runs = [
+        lambda: list(pack_sequences(examples, 10, overflow=overflow)),
+        lambda: list(pack_sequences_reference(examples, 10, overflow=overflow)),
+        lambda: list(pack_token_chunks([(flat, offsets)], 10, overflow=overflow)),
+        lambda: list(pack_arrow(_list_column(examples), 10, overflow=overflow)),
+    ]
+    if overflow == "error":
+        for run in runs:
+            with pytest.raises(UserError, match=r"example 1 has 25 tokens, more than max_len=10"):
+                run()
+        return
+    expected = runs[0]()
+    check_rows(expected, examples, 10, overflow)
+    for run in runs[1:]:
+        _same_rows(run(), expected)
+
+
+@pytest.mark.parametrize(
+    "offsets, match",
+    [
+        ([0, 3, 2, 5], r"offsets must be non-decreasing: offsets\[2\] = 2 < offsets\[1\] = 3 \(example 1\)"),
+        ([0, 3, 9], r"offsets point outside the flat id array: the last offset is 9 but there are 5 token ids"),
+        ([-1, 3], r"offsets point outside the flat id array: offsets\[0\] is -1"),
+        ([0, 3, 3], "example 1 is empty"),
+        ([], "offsets must"),
+    ],
+)
+def test_bad_offsets_raise_a_clear_error(offsets, match):
+    flat = np.arange(1, 6, dtype=np.int32)
+    with pytest.raises(UserError, match=match):
+        list(pack_token_chunks([(flat, np.array(offsets, dtype=np.int64))], 8))
+    packer = _packer.Packer(8, 4, "error", 2)
+    for dtype in (np.int32, np.int64):  # Arrow list and large_list offsets
+        with pytest.raises(ValueError, match=match):
+            packer.add_many(flat, np.array(offsets, dtype=dtype))
+    with pytest.raises(ValueError, match="offsets must be"):
+        packer.add_many(flat, np.array([0.0, 2.0]))
+    assert packer.examples_added == 0 and packer.pending_count == 0
+
+
+def test_arrow_input_errors_name_the_example():
+    int_lists = pa.list_(pa.int32())
+    bad = [
+        (pa.array([[1], None, [2]], type=int_lists), None, r"example 1: input_ids is null"),
+        (pa.chunked_array([pa.array([[1], [2]], type=int_lists), pa.array([[3], [-5]], type=int_lists)]), None,
+         r"example 3: token ids must be >= 0, got -5"),
+        (pa.array([[1.0, 2.0]]), None, r"input_ids must hold integers, got list<item: double>"),
+        (pa.array([1, 2]), None, r"input_ids must be an Arrow list column"),
+        (pa.array([[1, None]], type=int_lists), None, r"input_ids hold null values"),
+        (pa.table({"input_ids": pa.array([[1]], type=int_lists)}), None, r"not a whole table"),
+        ([[1, 2]], None, r"expected Arrow arrays, got list"),
+        (pa.array([[1], [2]], type=int_lists), pa.array([[1]], type=int_lists), r"labels have fewer rows"),
+        (pa.array([[1]], type=int_lists), pa.array([[1], [2]], type=int_lists), r"labels have more rows"),
+        (pa.array([[1, 2], [3, 4]], type=int_lists), pa.array([[-100, 2], [-100, 5]], type=int_lists),
+         r"example 1: labels must equal input_ids where loss is taken"),
+        (pa.array([[1, 2], [3, 4]], type=int_lists), pa.array([[-100, 2], [4]], type=int_lists),
+         r"example 1: labels have 1 entries but input_ids 2"),
+    ]
+    for ids, labels, match in bad:
+        with pytest.raises(UserError, match=match):
+            list(pack_arrow(ids, 8, labels=labels))
+
+
+def test_per_example_input_of_mixed_kinds_is_read_like_numpy():
+    big_list = list(range(1, 40))
+    examples = [
+        np.arange(1, 6, dtype=np.uint16),
+        (1, 2, 3),
+        [np.int64(7), np.int32(8)],
+        torch.tensor([4, 5, 6]),
+        range(1, 4),
+        {"input_ids": big_list, "labels": [-100] * 10 + big_list[10:]},
+        (np.array([9, 9]), np.array([-100, 9])),
+        np.arange(200, dtype=np.int64)[::2],  # strided: read through one copy
+        np.arange(5, dtype=">i4"),  # big-endian: read through one copy
+    ]
+    plain = [np.asarray(e["input_ids"] if isinstance(e, dict) else e[0] if isinstance(e, tuple) and
+                        len(e) == 2 and hasattr(e[0], "__len__") else e) for e in examples]
+    rows = list(pack_sequences(examples, 128, window=3))
+    _same_rows(rows, list(pack_sequences_reference(examples, 128, window=3)))
+    check_rows(rows, [([int(v) for v in p], [int(v) for v in (examples[5]["labels"] if i == 5 else
+                      examples[6][1] if i == 6 else p)]) for i, p in enumerate(plain)], 128)
+
+
+@pytest.mark.parametrize(
+    "example, match",
+    [
+        ({"labels": [1]}, r"example 1: a mapping needs an 'input_ids' key"),
+        ([1, True], r"example 1: input_ids must be integers, got bool"),
+        ([1, 2.5], r"example 1: input_ids must be integers, got float"),
+        ("abc", r"example 1: input_ids must be a flat sequence of integers, got str"),
+        (None, r"example 1: input_ids must be a flat sequence of integers, got NoneType"),
+        ([1, 2**70], r"example 1: token ids must fit in int32"),
+        (np.zeros((2, 2), dtype=np.int64),
+         r"example 1: input_ids must be a flat 1-D sequence of integers, got shape \(2, 2\)"),
+        (([1, 2], [1.5, 2]), r"example 1: labels must be integers, got float"),
+    ],
+)
+def test_per_example_checks_in_cpp_name_the_example(example, match):
+    packer = _packer.Packer(8, 4, "error", 2)
+    with pytest.raises(ValueError, match=match):
+        packer.add_list([[1, 2], example])
+    assert packer.examples_added == 0 and packer.pending_count == 0  # a failed call adds nothing
+    with pytest.raises(UserError, match=match):
+        list(pack_sequences([[1, 2], example], 8))
+
+
+# --------------------------------------------------------------------------------------------
+# The finetune's data, streamed from a file into the packer and a store on disk
+# --------------------------------------------------------------------------------------------
+
+
+def _chat_rows(n, seed=0):
+    rng = np.random.default_rng(seed)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    rows = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(words, rng.integers(1, 30)))
+        response = " ".join(rng.choice(words, rng.integers(1, 60)))
+        if i % 7 == 3:
+            rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response},
+                                      {"role": "user", "content": "more"}, {"role": "assistant", "content": "done"}]})
+        else:
+            rows.append({"prompt": prompt, "response": response})
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_streamed_finetune_rows_equal_packing_the_whole_file(tmp_path, tiny_model_dir, fmt, monkeypatch):
+    import json
+
+    from refteacher.engine.data.chat_examples import encode_example
+    from refteacher.engine.finetune import dataset
+    from refteacher.engine.modeling.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    rows = _chat_rows(300)
+    path = tmp_path / f"rows.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        pq.write_table(pa.Table.from_pylist([{"prompt": r.get("prompt"), "response": r.get("response"),
+                                              "messages": r.get("messages")} for r in rows]), path)
+    max_len = 64
+    # Not streamed: every row encoded, the ones with a response token kept, the list packed at once.
+    examples = [encode_example(tokenizer, r, max_tokens=max_len) for r in rows]
+    examples = [e for e in examples if any(y != -100 for y in e[1][1:])]
+    expected = list(pack_sequences(examples, max_len, overflow="truncate"))
+    # Streamed: small encode batches and small store writes, so both cut the stream many times.
+    monkeypatch.setattr(dataset, "ENCODE_BATCH_ROWS", 7)
+    monkeypatch.setattr(dataset, "_WRITE_TOKENS", 500)
+    store = dataset.build_packed_rows(tokenizer, path, max_len, tmp_path / "packed")
+    assert 0 < len(examples) < len(rows)  # some rows lost their response to max_len and were dropped
+    assert store.manifest["rows"] == len(rows) and store.manifest["examples"] == len(examples)
+    assert store.manifest["dropped"] == len(rows) - len(examples)
+    assert len(store) == len(expected) and store.manifest["tokens"] == sum(r.num_tokens for r in expected)
+    for i, row in enumerate(expected):
+        assert store[i] == row
+    assert store[-1] == expected[-1]
+    with pytest.raises(IndexError):
+        store[len(store)]
+    import pickle
+
+    shipped = pickle.dumps(store)  # what a DataLoader worker gets: the folder, not the rows
+    assert len(shipped) < 500 and pickle.loads(shipped)[3] == expected[3]
+    # A second build with the same input and settings reuses the store; another max_len rebuilds it.
+    stamp = (tmp_path / "packed" / "input_ids.bin").stat().st_mtime_ns
+    again = dataset.build_packed_rows(tokenizer, path, max_len, tmp_path / "packed")
+    assert len(again) == len(store) and (tmp_path / "packed" / "input_ids.bin").stat().st_mtime_ns == stamp
+    rebuilt = dataset.build_packed_rows(tokenizer, path, 2 * max_len, tmp_path / "packed")
+    assert rebuilt.manifest["max_len"] == 2 * max_len
+
+
+def test_streamed_finetune_rows_report_bad_rows(tmp_path, tiny_model_dir):
+    from refteacher.engine.finetune.dataset import build_packed_rows
+    from refteacher.engine.modeling.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "only a prompt"}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl row 3: a training row needs string 'prompt' and 'response'"):
+        build_packed_rows(tokenizer, bad, 64, tmp_path / "packed")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "response": "b"}\n{"prompt": \n')
+    with pytest.raises(UserError, match=r"row 2 \(line 2\): not valid JSON"):
+        build_packed_rows(tokenizer, broken, 64, tmp_path / "packed")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(UserError, match="holds no rows to train on"):
+        build_packed_rows(tokenizer, empty, 64, tmp_path / "packed")
+    assert not (tmp_path / "packed").exists() and not list(tmp_path.glob(".packed.tmp-*"))  # nothing half-built
+
+
+def test_pretokenised_parquet_is_packed_from_its_arrow_columns(tmp_path, tiny_model_dir, monkeypatch):
+    from refteacher.engine.finetune import dataset
+    from refteacher.engine.modeling.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    lengths = np.random.default_rng(14).integers(1, 150, 500)
+    examples = make_examples(lengths, seed=15, with_labels=True)
+    path = tmp_path / "tokens.parquet"
+    pq.write_table(pa.table({"input_ids": _list_column([e[0] for e in examples]),
+                             "labels": _list_column([e[1] for e in examples], value_type=pa.int64())}), path)
+    monkeypatch.setattr(dataset, "PARQUET_BATCH_ROWS", 64)
+    store = dataset.build_packed_rows(tokenizer, path, 100, tmp_path / "packed")
+    expected = list(pack_sequences(examples, 100, overflow="truncate"))
+    assert store.manifest["rows"] == store.manifest["examples"] == 500 and len(store) == len(expected)
+    assert all(store[i] == row for i, row in enumerate(expected))
+    # Without labels every token takes loss; ids beyond the vocabulary and bad rows are UserErrors.
+    pq.write_table(pa.table({"input_ids": _list_column([e[0] for e in examples])}), path)
+    store = dataset.build_packed_rows(tokenizer, path, 100, tmp_path / "plain")
+    assert all(store[i] == row for i, row in enumerate(pack_sequences([e[0] for e in examples], 100,
+                                                                         overflow="truncate")))
+    pq.write_table(pa.table({"input_ids": _list_column([[1, 2], [3, len(tokenizer)]])}), path)
+    with pytest.raises(UserError, match=r"token id \d+ in rows 1-2 is outside the tokenizer's vocabulary"):
+        dataset.build_packed_rows(tokenizer, path, 100, tmp_path / "bad")
+    pq.write_table(pa.table({"input_ids": _list_column([[1, 2], []])}), path)
+    with pytest.raises(UserError, match=r"tokens.parquet: example 1 is empty.*\(example i is row i \+ 1 of the file\)"):
+        dataset.build_packed_rows(tokenizer, path, 100, tmp_path / "bad")

@@ -18,7 +18,7 @@ IGNORE_INDEX = -100
 
 def row_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
     """Return the chat messages of a training row (prompt/response or messages); UserError if neither."""
-    if "messages" in row:
+    if row.get("messages") is not None:  # a null messages cell (a Parquet column) means prompt/response
         messages = row["messages"]
         if not isinstance(messages, list) or not messages:
             raise UserError("'messages' must be a non-empty list of {role, content} objects")
@@ -40,20 +40,17 @@ def _render(tokenizer, messages: Sequence[Mapping[str, str]], add_generation_pro
     )
 
 
-def encode_example(
-    tokenizer, row: Mapping[str, Any], *, max_tokens: int | None = None
-) -> tuple[list[int], list[int]]:
-    """Tokenise one training row; return ``(input_ids, labels)``, equal-length int lists.
+def chat_pieces(tokenizer, row: Mapping[str, Any]) -> list[tuple[str, bool]]:
+    """The rendered text of one training row, cut at turn boundaries: ``[(text, is_assistant), ...]``.
 
-    ``labels[i]`` is ``input_ids[i]`` on assistant tokens and -100 elsewhere. The text is split at
-    turn boundaries and each piece tokenised on its own, so labels align exactly with tokens.
-    ``max_tokens`` truncates from the end (the first tokens are kept). UserError when the row has
-    no assistant turn.
+    Each assistant turn (its text and end-of-turn marker) is one piece, the text before it another,
+    so that tokenising the pieces one by one aligns labels exactly with tokens. UserError when the
+    row has no assistant turn or the chat template does not render turns as prefixes.
     """
     messages = row_messages(row)
     if not any(m["role"] == "assistant" for m in messages):
         raise UserError("a training row needs at least one assistant turn to learn from")
-    pieces: list[tuple[str, bool]] = []  # (text, is_assistant)
+    pieces: list[tuple[str, bool]] = []
     rendered = ""
     for i, turn in enumerate(messages):
         if turn["role"] == "assistant":
@@ -65,15 +62,42 @@ def encode_example(
             pieces.append((before[len(rendered):], False))
             pieces.append((after[len(before):], True))
             rendered = after
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for text, is_assistant in pieces:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-        input_ids.extend(ids)
-        labels.extend(ids if is_assistant else [IGNORE_INDEX] * len(ids))
-    if max_tokens is not None:
-        input_ids, labels = input_ids[:max_tokens], labels[:max_tokens]
-    return input_ids, labels
+    return pieces
+
+
+def encode_pieces(
+    tokenizer, rows_pieces: Sequence[Sequence[tuple[str, bool]]], *, max_tokens: int | None = None
+) -> list[tuple[list[int], list[int]]]:
+    """Tokenise the ``chat_pieces`` of many rows in one tokenizer call; one ``(input_ids, labels)``
+    pair of equal-length int lists per row, labels -100 off the assistant pieces, each row cut to
+    its first ``max_tokens`` tokens."""
+    texts = [text for pieces in rows_pieces for text, _ in pieces if text]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    out = []
+    for pieces in rows_pieces:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for text, is_assistant in pieces:
+            ids = next(encoded) if text else []
+            input_ids.extend(ids)
+            labels.extend(ids if is_assistant else [IGNORE_INDEX] * len(ids))
+        if max_tokens is not None:
+            input_ids, labels = input_ids[:max_tokens], labels[:max_tokens]
+        out.append((input_ids, labels))
+    return out
+
+
+def encode_example(
+    tokenizer, row: Mapping[str, Any], *, max_tokens: int | None = None
+) -> tuple[list[int], list[int]]:
+    """Tokenise one training row; return ``(input_ids, labels)``, equal-length int lists.
+
+    ``labels[i]`` is ``input_ids[i]`` on assistant tokens and -100 elsewhere. The text is split at
+    turn boundaries and each piece tokenised on its own, so labels align exactly with tokens.
+    ``max_tokens`` truncates from the end (the first tokens are kept). UserError when the row has
+    no assistant turn. Many rows at once: ``chat_pieces`` per row, then ``encode_pieces``.
+    """
+    return encode_pieces(tokenizer, [chat_pieces(tokenizer, row)], max_tokens=max_tokens)[0]
 
 
 def pad_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Pure-Python twin of the compiled packer (csrc/packer.cpp): the same algorithm, step for step.
 
-Tests check that both give identical rows; the benchmark measures the speed gap. The algorithm:
+Tests check that both give identical rows and the same errors (``to_example`` is the Python twin of
+the per-example checks the C++ ``add_list`` makes); the benchmark measures the speed gap. The algorithm:
 pending examples (at most ``window``) are taken longest first (earliest among equals) once the
 window overflows, and placed by best fit into at most ``max_open`` open rows (least remaining space
 that fits, lowest row id among equals); when none fits and all ``max_open`` rows are open, the
@@ -21,11 +22,71 @@ from refteacher.engine.data.packing import (
     IGNORE_INDEX,
     PackedRow,
     check_pack_args,
-    to_example,
 )
 from refteacher.engine.errors import UserError
 
 _INF = float("inf")
+_MAX_TOKEN_ID = int(np.iinfo(np.int32).max)  # the compiled packer keeps pending ids as int32
+
+
+def _as_token_array(values: Any, index: int, what: str) -> np.ndarray:
+    try:
+        array = np.asarray(values)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"example {index}: {what} must be a flat sequence of integers ({exc})") from None
+    if array.ndim != 1:
+        raise UserError(f"example {index}: {what} must be a flat 1-D sequence of integers, got shape {array.shape}")
+    if array.size and array.dtype.kind not in "iu":
+        raise UserError(f"example {index}: {what} must be integers, got dtype {array.dtype}")
+    return array.astype(np.int64, copy=False)
+
+
+def _is_sequence(value: Any) -> bool:
+    return hasattr(value, "__len__") and not isinstance(value, (str, bytes))
+
+
+def _is_pair(item: Any) -> bool:
+    return isinstance(item, (tuple, list)) and len(item) == 2 and _is_sequence(item[0]) and _is_sequence(item[1])
+
+
+def to_example(item: Any, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Normalise one input example to (ids int64 [n], loss mask bool [n]).
+
+    ``item`` is an int sequence, an ``(input_ids, labels)`` pair or a mapping with ``input_ids`` and
+    optional ``labels``; labels hold the token id where loss is taken and -100 elsewhere.
+    Raises ``UserError`` naming ``index`` for empty, non-integer, negative or inconsistent input.
+    """
+    labels = None
+    if isinstance(item, dict):
+        if "input_ids" not in item:
+            raise UserError(f"example {index}: a mapping needs an 'input_ids' key")
+        ids_raw, labels = item["input_ids"], item.get("labels")
+    elif _is_pair(item):
+        ids_raw, labels = item
+    else:
+        ids_raw = item
+    ids = _as_token_array(ids_raw, index, "input_ids")
+    if ids.size == 0:
+        raise UserError(f"example {index} is empty; drop empty examples before packing")
+    if ids.min() < 0:
+        raise UserError(f"example {index}: token ids must be >= 0, got {int(ids.min())}")
+    if ids.max() > _MAX_TOKEN_ID:
+        raise UserError(f"example {index}: token ids must fit in int32 (at most {_MAX_TOKEN_ID}), got {int(ids.max())}")
+    if labels is None:
+        return ids, np.ones(ids.shape[0], dtype=bool)
+    label_array = _as_token_array(labels, index, "labels")
+    if label_array.shape != ids.shape:
+        raise UserError(
+            f"example {index}: labels have {label_array.shape[0]} entries but input_ids {ids.shape[0]}; "
+            "give one label per token"
+        )
+    mask = label_array != IGNORE_INDEX
+    if not np.array_equal(label_array[mask], ids[mask]):
+        raise UserError(
+            f"example {index}: labels must equal input_ids where loss is taken and be -100 elsewhere "
+            "(pass unshifted labels; the model shifts them)"
+        )
+    return ids, mask
 
 
 class ReferencePacker:

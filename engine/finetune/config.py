@@ -10,6 +10,7 @@ from refteacher.engine.errors import UserError
 FORMAT = "refteacher.finetune/1"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
+PACKED_DIR = "packed"  # OUT/packed/{task,align}: the tokenised, packed rows (engine/finetune/dataset.py)
 SUMMARY_FILE = "finetune.json"
 KL_DIRECTIONS = ("forward", "reverse", "jsd")
 BASELINES = ("sft",)
@@ -19,7 +20,8 @@ BASELINES = ("sft",)
 class FinetuneConfig:
     """Everything a finetuning run needs; ``refteacher finetune`` has one option per field."""
 
-    data: str = option(help="training rows (JSONL/CSV/Parquet, prompt+response or messages)")
+    data: str = option(help="training rows (JSONL/CSV/Parquet/hf:NAME, prompt+response or messages; or a Parquet "
+                            "file tokenised already: input_ids, optional labels)")
     out: str = option(help="output directory")
     student: str | None = option(None, "student model (directory, hub id or alias); default: the teacher's model")
     teacher: str | None = option(None, "teacher directory written by `refteacher teacher`")

@@ -13,15 +13,18 @@ response tokens of the alignment rows. The teacher (its ReFT adapter merged) is 
 Training runs on transformers' ``Trainer`` with a custom ``compute_loss`` and data collator (the
 settings shared with the teacher's Trainer in engine/modeling/hf_trainer.py), so
 checkpoints (``OUT/checkpoints/checkpoint-N``), gradient accumulation, logging, ``--resume`` and
-accelerate / torchrun launches behave as users expect. Every dataset item is one packed task row
-paired with one packed alignment row (alignment rows are cycled); the sampler shuffles items with
-the run's seed, and a resumed run skips exactly the batches already seen.
+accelerate / torchrun launches behave as users expect. The data is streamed: rows are read and
+tokenised in batches and packed as they come (``engine/finetune/dataset.py``) into memory-mapped
+stores under ``OUT/packed``, so memory does not grow with the dataset. Every dataset item is one
+packed task row paired with one packed alignment row (alignment rows are cycled); the sampler
+shuffles items with the run's seed, and a resumed run skips exactly the batches already seen (and
+reuses the stores instead of tokenising again).
 
 ``baseline="sft"`` is plain LoRA finetuning on the (unfiltered) data with no teacher and no KL.
 
 Outputs under ``OUT``: ``adapter/`` (the student's LoRA adapter, loadable with
-``PeftModel.from_pretrained``), ``finetune.json`` (configuration, inputs, figures) and
-``checkpoints/``.
+``PeftModel.from_pretrained``), ``finetune.json`` (configuration, inputs, figures),
+``checkpoints/`` and ``packed/`` (the packed task and alignment rows, about 8 bytes a token).
 """
 from __future__ import annotations
 
@@ -40,13 +43,9 @@ from transformers import Trainer, set_seed
 
 from refteacher.engine.errors import UserError
 from refteacher.engine.finetune.config import ADAPTER_DIR, CHECKPOINT_DIR, FORMAT, SUMMARY_FILE, FinetuneConfig
-from refteacher.engine.finetune.dataset import (
-    PackedPairCollator,
-    PairedRows,
-    encode_rows,
-    pack_examples,
-    read_training_rows,
-)
+from refteacher.engine.data.readers import open_source
+from refteacher.engine.finetune.config import PACKED_DIR
+from refteacher.engine.finetune.dataset import PackedPairCollator, PairedRows, build_packed_rows
 from refteacher.engine.finetune.losses import alignment_kl, task_cross_entropy
 from refteacher.engine.modeling.attention import prepare_for_packing
 from refteacher.engine.modeling.forward import lm_head_of
@@ -179,30 +178,11 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
     if config.teacher and config.baseline is None:
         teacher_manifest, teacher_sha = read_manifest(config.teacher)
     student_spec = _resolve_student(config, teacher_manifest)
-    # Rows are read before any model loads, so a bad file fails in a second, not after a load.
-    task_records = read_training_rows(config.data)
-    align_records = read_training_rows(config.align) if config.distilling else None
-    tokenizer = load_tokenizer(student_spec)
-    student_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = load_model(student_spec, device=device, dtype=student_dtype)
-    varlen = prepare_for_packing(model, device)
+    # The data is tokenised and packed before any model loads, so a bad file fails in seconds, not
+    # after a load; the packed rows go to OUT/packed (streamed: memory does not grow with the data).
+    open_source(config.data)
     if config.distilling:
-        teacher = load_teacher(config.teacher, device=device, dtype=student_dtype, merge_adapter=True)
-        prepare_for_packing(teacher.model, device)
-        _check_same_vocabulary(tokenizer, teacher.tokenizer, model, teacher.model)
-
-    task_rows = pack_examples(encode_rows(tokenizer, task_records, config.max_len, where=str(config.data)), config.max_len)
-    align_rows = None
-    n_align = 0
-    if config.distilling:
-        align_len = config.align_max_len or config.max_len
-        n_align = len(align_records)
-        align_rows = pack_examples(encode_rows(tokenizer, align_records, align_len, where=str(config.align)), align_len)
-    dataset = PairedRows(task_rows, align_rows)
-
-    model = add_lora(model, config)
-    if config.gradient_checkpointing:
-        model.enable_input_require_grads()
+        open_source(config.align)
     args = training_arguments(
         checkpoints, device, progress=config.progress,
         max_steps=config.max_steps,
@@ -219,6 +199,25 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
         **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
            if config.gradient_checkpointing else {}),
     )
+    tokenizer = load_tokenizer(student_spec)
+    with args.main_process_first(local=True, desc="tokenising and packing the training rows"):
+        task_rows = build_packed_rows(tokenizer, config.data, config.max_len, out / PACKED_DIR / "task")
+        align_rows = None
+        if config.distilling:
+            align_rows = build_packed_rows(tokenizer, config.align, config.align_max_len or config.max_len,
+                                           out / PACKED_DIR / "align")
+    dataset = PairedRows(task_rows, align_rows)
+    student_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = load_model(student_spec, device=device, dtype=student_dtype)
+    varlen = prepare_for_packing(model, device)
+    if config.distilling:
+        teacher = load_teacher(config.teacher, device=device, dtype=student_dtype, merge_adapter=True)
+        prepare_for_packing(teacher.model, device)
+        _check_same_vocabulary(tokenizer, teacher.tokenizer, model, teacher.model)
+
+    model = add_lora(model, config)
+    if config.gradient_checkpointing:
+        model.enable_input_require_grads()
     trainer_class = _make_trainer_class()
     trainer = trainer_class(
         model=model,
@@ -253,9 +252,11 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
         "data_sha256": _file_sha256(config.data),
         "align": str(config.align) if config.distilling else None,
         "align_sha256": _file_sha256(config.align) if config.distilling else None,
-        "n_task_rows": len(task_records),
-        "n_align_rows": n_align,
+        "n_task_rows": task_rows.manifest["rows"],
+        "n_task_rows_dropped": task_rows.manifest["dropped"],
+        "n_align_rows": align_rows.manifest["rows"] if align_rows is not None else 0,
         "n_packed_rows": len(task_rows),
+        "n_packed_align_rows": len(align_rows) if align_rows is not None else 0,
         "attention": "varlen" if varlen else "block-mask",
         "config": {k: v for k, v in asdict(config).items() if k not in ("progress",)},
         "steps": int(trainer.state.global_step),

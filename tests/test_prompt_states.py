@@ -11,6 +11,7 @@ from refteacher.engine.modeling.prompt_states import (
     MIN_SHARED_PREFIX,
     PrefixCache,
     last_token_states,
+    length_groups,
     prompt_hidden,
     shared_prefix_length,
 )
@@ -136,3 +137,35 @@ def test_states_of_a_tokenizer_without_a_pad_token(tiny_family_model, tiny_model
     tokenizer.pad_token = None
     assert tokenizer.pad_token_id is None
     torch.testing.assert_close(collect_last_token_states(model, tokenizer, PROMPTS, [2], batch_size=3), with_pad)
+
+
+def test_length_groups_bound_the_padding_and_cover_every_index():
+    lengths = [30, 5, 128, 31, 6, 127, 33, 5, 40]
+    groups = length_groups(lengths, max_padding=0.25)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        widths = [lengths[i] for i in group]
+        assert len(group) == 1 or len(group) * max(widths) - sum(widths) <= 0.25 * len(group) * max(widths)
+    assert len(length_groups(lengths, max_padding=10.0)) == 1 and length_groups([], 0.25) == []
+
+
+@pytest.mark.parametrize("prefixed", [False, True])
+def test_length_grouped_states_and_gradients_equal_one_batch(tiny_family_model, prompt_ids, prefixed):
+    tokenizer, ids = prompt_ids
+    model = _model(tiny_family_model, tokenizer, "llama")
+    weights = torch.randn(len(ids), 32, generator=torch.Generator().manual_seed(2))
+
+    def run(max_padding):
+        model.zero_grad(set_to_none=True)
+        prefix = PrefixCache.shared_by(model, ids, 2) if prefixed else None
+        (states,) = last_token_states(model, ids, tokenizer.pad_token_id, [2], prefix, max_padding=max_padding)
+        (states * weights).sum().backward()
+        return states.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    grouped, grouped_grads = run(0.0)  # no padding allowed: one group per distinct length
+    assert len(length_groups([len(s) for s in ids], 0.0)) > 1
+    plain, plain_grads = run(None)
+    torch.testing.assert_close(grouped, plain, rtol=1e-4, atol=1e-5)
+    assert grouped_grads.keys() == plain_grads.keys() and grouped_grads
+    for name, grad in grouped_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -94,14 +94,43 @@ class PrefixCache:
         return mask, {self.cache_kwarg: cache, "use_cache": True, "position_ids": positions}
 
 
+def length_groups(lengths: Sequence[int], max_padding: float = 0.25) -> list[list[int]]:
+    """Indices sorted by length and cut into consecutive groups, each at most ``max_padding`` padding
+    once padded to its longest member (a group always takes at least one index)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    groups: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for index in order:
+        padded = (len(current) + 1) * lengths[index]
+        if current and padded - (real + lengths[index]) > max_padding * padded:
+            groups.append(current)
+            current, real = [], 0
+        current.append(index)
+        real += lengths[index]
+    if current:
+        groups.append(current)
+    return groups
+
+
 def last_token_states(model, ids: Sequence[Sequence[int]], pad_id: int, layers: Sequence[int],
-                      prefix: PrefixCache | None = None) -> list[torch.Tensor]:
+                      prefix: PrefixCache | None = None, *, max_padding: float | None = None) -> list[torch.Tensor]:
     """Hidden states after each of ``layers`` at every sequence's last token, as one right-padded batch.
 
     ``ids``: non-empty token id lists; with ``prefix`` each must start with its tokens, which are
-    not run again (``prefix.depth`` must be at least ``max(layers)``). Returns one tensor [B, H] per
-    layer, in the model's dtype; gradients flow when autograd is on.
+    not run again (``prefix.depth`` must be at least ``max(layers)``). With ``max_padding`` the
+    sequences run in length groups (``length_groups``) instead of one batch, so a few long ones do
+    not pad every short one to their length; the states come back in the input order. Returns one
+    tensor [B, H] per layer, in the model's dtype; gradients flow when autograd is on.
     """
+    if max_padding is not None:
+        groups = length_groups([len(seq) for seq in ids], max_padding)
+        if len(groups) > 1:
+            parts = [last_token_states(model, [ids[i] for i in group], pad_id, layers, prefix) for group in groups]
+            order = torch.tensor([i for group in groups for i in group])
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(len(order))
+            return [torch.cat([part[k] for part in parts])[inverse.to(parts[0][k].device)] for k in range(len(layers))]
     device = next(model.parameters()).device
     if prefix is None:
         input_ids, mask, last = right_pad(ids, pad_id, device=device)

@@ -176,6 +176,9 @@ class FeatureRefresh(TrainerCallback):
         self.history = list(json.loads((folder / STEP_STATE_FILE).read_text())["history"])
 
 
+FEATURE_BATCH_PADDING = 0.25  # most padding a length group of a feature batch may hold
+
+
 class TeacherTrainer(Trainer):
     """transformers' Trainer with the teacher's loss on one StepBatches item:
     ``CE + feature_weight * feature_loss (+ anchor_weight * anchor_loss)``."""
@@ -191,8 +194,12 @@ class TeacherTrainer(Trainer):
         self._logged_through = 0
 
     def _states(self, model, ids: list[list[int]]) -> torch.Tensor:
-        """States [B, H] of one batch after the feature layer; grads flow (through the shared prefix too)."""
-        return last_token_states(model, ids, self.pad_id, [self.layer], PrefixCache.shared_by(model, ids, self.layer))[0]
+        """States [B, H] of one batch after the feature layer; grads flow (through the shared prefix too).
+
+        The batch runs in length groups: a few long prompts (jailbreak framings reach
+        max_prompt_tokens) would otherwise pad every short one to their length."""
+        prefix = PrefixCache.shared_by(model, ids, self.layer)
+        return last_token_states(model, ids, self.pad_id, [self.layer], prefix, max_padding=FEATURE_BATCH_PADDING)[0]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         config = self.teacher_config

@@ -33,6 +33,9 @@ WORDS = "how can I make a cake bomb garden code virus poem river build steal lea
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     """One local Ray for the whole module (starting one takes seconds); 2 CPUs, as on CI."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors need this module's scorers
     torch.set_num_threads(1)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
@@ -125,9 +128,6 @@ class KilledOnceScorer(TeacherBatchScorer):
 
 
 def test_a_worker_killed_mid_run_is_retried_without_loss_or_duplicates(teacher, tiny_teacher_dir, tmp_path):
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors need this test's class
     path = write_jsonl(tmp_path / "in.jsonl", 120)
     options = FilterOptions(window_rows=10)
     marker = tmp_path / "killed.pid"
@@ -146,15 +146,36 @@ def test_a_worker_killed_mid_run_is_retried_without_loss_or_duplicates(teacher, 
     assert_same_verdicts(read_outputs(tmp_path / "single"), outputs)
 
 
-def test_the_scorer_on_a_providers_own_dataset(tiny_teacher_dir):
-    rows = [{"prompt": make_prompt(i), "user": f"u{i}"} for i in range(5)] + [{"prompt": "", "user": "u5"}]
-    scored = ray.data.from_items(rows).map_batches(
-        TeacherBatchScorer, fn_constructor_args=(str(tiny_teacher_dir),), fn_constructor_kwargs={"threads": 1},
-        batch_format="pyarrow", concurrency=1, num_cpus=1).take_all()
-    assert [r["user"] for r in scored] == [f"u{i}" for i in range(6)]
-    assert [r["_verdict"] for r in scored[:5]] == ["flagged" if r["_score"] >= 0.1 else "kept" for r in scored[:5]]
-    assert scored[5]["_verdict"] == "rejected" and scored[5]["_score"] is None
-    assert scored[5]["_reason"] == "empty prompt in 'prompt'"
+class FailingScorer(TeacherBatchScorer):
+    """A scorer whose forward pass fails for a batch whose first prompt starts with FAIL."""
+
+    def __call__(self, batch):
+        from refteacher.engine.filter import scoring
+
+        real = scoring.refusal_scores
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("simulated device failure")
+
+        scoring.refusal_scores = broken if str(batch.column("prompt")[0].as_py()).startswith("FAIL") else real
+        try:
+            return super().__call__(batch)
+        finally:
+            scoring.refusal_scores = real
+
+
+def test_the_scorer_on_a_providers_own_dataset_fails_closed(tiny_teacher_dir):
+    prompts = [make_prompt(0), make_prompt(1), make_prompt(2), "FAIL " + make_prompt(3), "", "FAIL"]
+    dataset = ray.data.from_items([{"prompt": p, "user": f"u{i}"} for i, p in enumerate(prompts)])
+    scored = dataset.map_batches(
+        FailingScorer, fn_constructor_args=(str(tiny_teacher_dir),), fn_constructor_kwargs={"threads": 1},
+        batch_format="pyarrow", batch_size=3, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1).take_all()
+    scored.sort(key=lambda row: row["user"])
+    assert [r["user"] for r in scored] == [f"u{i}" for i in range(6)] and "_id" not in scored[0]
+    assert [r["_verdict"] for r in scored[:3]] == ["flagged" if r["_score"] >= 0.1 else "kept" for r in scored[:3]]
+    assert [(r["_verdict"], r["_score"]) for r in scored[3:]] == [("rejected", None)] * 3  # never kept
+    assert scored[3]["_reason"] == scored[5]["_reason"] == "scoring failed (RuntimeError: simulated device failure)"
+    assert scored[4]["_reason"] == "empty prompt in 'prompt'"
 
 
 def test_cli_parquet_in_parquet_out(teacher, tiny_teacher_dir, tmp_path, capsys):

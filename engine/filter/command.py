@@ -31,7 +31,8 @@ def add_filter_cli(subparsers) -> None:
             "kept.jsonl (score < threshold), flagged.jsonl (score >= threshold), rejected.jsonl (rows that "
             "could not be read or scored, with the reason). Rows keep input order and gain _id (their line "
             "or row number) and _score. Also writes report.json and scores.png. Chat rows "
-            "({'messages': [...]}) are scored per user turn; the row's score is the maximum."
+            "({'messages': [...]}) are scored per user turn; the row's score is the maximum. "
+            "--engine ray spreads the run over a Ray cluster (JSONL or Parquet input; Parquet output too)."
         ),
     )
     add_config_arguments(parser, FilterConfig)
@@ -40,6 +41,11 @@ def add_filter_cli(subparsers) -> None:
 
 def _cli_filter(args) -> int:
     config = config_from_args(FilterConfig, args)
+    if config.engine == "ray":
+        return _cli_filter_ray(config)
+    for name in ("ray_address", "workers", "output_format"):
+        if getattr(config, name) is not None:
+            raise UserError(f"--{name.replace('_', '-')} needs --engine ray")
     shard = shard_from_env(config.shard)
     if config.threads is not None:
         if config.threads < 1:
@@ -56,6 +62,27 @@ def _cli_filter(args) -> int:
     print(f"{counts['input_rows']} rows: {counts['kept']} kept, {counts['flagged']} flagged, "
           f"{counts['rejected']} rejected ({report['throughput']['rows_per_s']} rows/s) -> "
           f"{shard_dir(config.out_dir, shard)}")
+    return 0
+
+
+def _cli_filter_ray(config: FilterConfig) -> int:
+    """``refteacher filter --engine ray``: the run spread over a Ray cluster (filter/ray_engine.py)."""
+    if config.resume:
+        raise UserError("--resume is for --engine single; Ray retries failed workers itself, so rerun a run whose "
+                        "driver died with --overwrite")
+    if config.shard is not None:
+        raise UserError("--shard is for --engine single; --engine ray spreads one run over the cluster itself")
+    from refteacher.engine.filter.ray_engine import run_filter_ray
+
+    source = open_source(config.input, config.format, split=config.split, hf_config=config.hf_config)
+    report = run_filter_ray(config.teacher, source, config.out_dir, config.options((0, 1)),
+                            address=config.ray_address, workers=config.workers, device=config.device,
+                            threads=config.threads, output_format=config.output_format, overwrite=config.overwrite,
+                            progress=config.progress, trust_remote_code=config.trust_remote_code)
+    counts = report["counts"]
+    print(f"{counts['input_rows']} rows: {counts['kept']} kept, {counts['flagged']} flagged, "
+          f"{counts['rejected']} rejected ({report['throughput']['rows_per_s']} rows/s on "
+          f"{report['engine']['workers']} Ray workers) -> {config.out_dir}")
     return 0
 
 

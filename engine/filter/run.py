@@ -180,6 +180,37 @@ def _score_window(teacher, window: _Window, threshold: float, device: torch.devi
     return result
 
 
+def prepare_scoring(teacher, options: FilterOptions) -> FilterOptions:
+    """Check that ``teacher`` can score and return ``options`` resolved for its device.
+
+    UserError when its tokenizer has no chat template. Switches the model to flash-attn for packed
+    batches on CUDA. Every engine calls this once per loaded teacher, before ``score_rows``.
+    """
+    device = next(teacher.model.parameters()).device
+    options = options.resolved(device)
+    if not getattr(teacher.tokenizer, "chat_template", None):
+        raise UserError(f"the teacher's tokenizer ({teacher.manifest.get('model')}) has no chat template; "
+                        "prompts are scored as the chat model sees them, so use an instruction-tuned model")
+    if options.packed and device.type == "cuda":
+        _use_flash_attention(teacher.model)  # on CPU, packed batches use SDPA with a block mask (tests)
+    return options
+
+
+def score_rows(teacher, rows: list[Row], options: FilterOptions, *, index: int = 0) -> WindowResult:
+    """Score one window of parsed rows and return their verdicts, in input order.
+
+    What ``iter_windows`` does per window (tokenise, length-bucketed batches, forward to the
+    feature layer, cosine, verdicts; failures rejected), in one call on the calling thread: the
+    unit of work of engines that bring their own parallelism (the Ray engine). ``options`` come
+    from ``prepare_scoring``; ``index`` only labels the result.
+    """
+    device = next(teacher.model.parameters()).device
+    threshold = options.threshold if options.threshold is not None else teacher.threshold
+    window = _prepare_window(index, rows, teacher.tokenizer, options, pin=device.type == "cuda")
+    with torch.inference_mode():
+        return _score_window(teacher, window, threshold, device)
+
+
 # --------------------------------------------------------------------------------------------
 # Streaming
 # --------------------------------------------------------------------------------------------
@@ -259,13 +290,8 @@ def iter_windows(teacher, source: Source, options: FilterOptions = FilterOptions
     ``teacher`` is a loaded ``Teacher``; ``source`` from ``data.open_source``.
     """
     device = next(teacher.model.parameters()).device
-    options = options.resolved(device)
+    options = prepare_scoring(teacher, options)
     threshold = options.threshold if options.threshold is not None else teacher.threshold
-    if not getattr(teacher.tokenizer, "chat_template", None):
-        raise UserError(f"the teacher's tokenizer ({teacher.manifest.get('model')}) has no chat template; "
-                        "prompts are scored as the chat model sees them, so use an instruction-tuned model")
-    if options.packed and device.type == "cuda":
-        _use_flash_attention(teacher.model)  # on CPU, packed batches use SDPA with a block mask (tests)
     prefetch = _Prefetcher(source, teacher.tokenizer, options, start_window, pin=device.type == "cuda")
     try:
         for window in prefetch:

@@ -80,6 +80,7 @@ VERDICT_COLUMNS: tuple[tuple[str, pa.DataType, Callable[[Any], Any]], ...] = (
     ("_score", pa.float64(), lambda v: v.score),
     ("_truncated", pa.bool_(), lambda v: v.truncated),
     ("_reason", pa.string(), lambda v: v.reason),
+    ("_category", pa.string(), lambda v: v.category),
 )
 ID_COLUMNS = ("_id", "_line")  # added only to rows read by data/splits.py (they carry the ids)
 JSON_COLUMN = "_json"  # each row's output line (bytes), with json_lines=True
@@ -88,7 +89,7 @@ JSON_COLUMN = "_json"  # each row's output line (bytes), with json_lines=True
 STAT_COLUMNS = (("_prompts", pa.int64()), ("_tokens", pa.int64()), ("_padded_tokens", pa.int64()),
                 ("_started_at", pa.float64()))
 # Which verdict columns each Parquet output file keeps beside the input's own columns.
-FILE_COLUMNS = {"kept": ("_id", "_score", "_truncated"), "flagged": ("_id", "_score", "_truncated"),
+FILE_COLUMNS = {"kept": ("_id", "_score", "_truncated"), "flagged": ("_id", "_score", "_truncated", "_category"),
                 "rejected": ("_id", "_line", "_reason")}
 
 
@@ -497,10 +498,10 @@ def _write_outputs(scored: "ray.data.Dataset", folder: Path, fmt: str, input_sch
                 raise RuntimeError(f"row ids arrived out of order or twice near id {ids[0]}; outputs not written")
             last_id = ids[-1] if ids else last_id
             statuses = table.column("_verdict").to_pylist()
-            for status, score, reason, truncated in zip(statuses, table.column("_score").to_pylist(),
-                                                       table.column("_reason").to_pylist(),
-                                                       table.column("_truncated").to_pylist()):
-                tally.add_row(status, score, reason, truncated)
+            for status, score, reason, truncated, category in zip(
+                    statuses, table.column("_score").to_pylist(), table.column("_reason").to_pylist(),
+                    table.column("_truncated").to_pylist(), table.column("_category").to_pylist()):
+                tally.add_row(status, score, reason, truncated, category)
             tally.prompts += pc.sum(table.column("_prompts")).as_py() or 0
             tally.tokens += pc.sum(table.column("_tokens")).as_py() or 0
             tally.padded_tokens += pc.sum(table.column("_padded_tokens")).as_py() or 0

@@ -8,7 +8,9 @@ One optimisation step of the student (the base model with a fresh peft LoRA adap
 Both terms are computed from final hidden states (after the final norm) and LM-head weights, never
 from full logits: the cross-entropy over the label positions only, a chunk at a time
 (``refteacher.engine.losses``), the KL with ``refteacher.kernels.kl.fused_linear_kl`` over the
-response tokens of the alignment rows. The teacher (its ReFT adapter merged) is frozen.
+response tokens of the alignment rows. The teacher is frozen: when it was built on the student's
+own model it is that model with the teacher's adapter switched in (``SharedBaseTeacher``: no
+second copy of the weights), otherwise a separately loaded model with its adapter merged.
 
 Training runs on transformers' ``Trainer`` with a custom ``compute_loss`` and data collator (the
 settings shared with the teacher's Trainer in engine/modeling/hf_trainer.py), so
@@ -50,6 +52,7 @@ from refteacher.engine.finetune.dataset import (
     read_training_rows,
 )
 from refteacher.engine.finetune.losses import alignment_kl, task_cross_entropy
+from refteacher.engine.finetune.shared_teacher import SharedBaseTeacher
 from refteacher.engine.modeling.attention import prepare_for_packing
 from refteacher.engine.modeling.distributed import (
     barrier,
@@ -208,7 +211,10 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
     student_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(student_spec, device=device, dtype=student_dtype)
     varlen = prepare_for_packing(model, device)
-    if config.distilling:
+    # A teacher built on the student's own model shares its weights (engine/finetune/shared_teacher.py);
+    # one built on another model is loaded whole, its adapter merged.
+    shared = config.distilling and str(student_spec) == str(teacher_manifest["model"])
+    if config.distilling and not shared:
         teacher = load_teacher(config.teacher, device=device, dtype=student_dtype, merge_adapter=True)
         prepare_for_packing(teacher.model, device)
         _check_same_vocabulary(tokenizer, teacher.tokenizer, model, teacher.model)
@@ -224,6 +230,9 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
 
     model = add_lora(model, config)
     teacher_model = teacher.model if teacher is not None else None
+    if shared:
+        adapter = teacher_manifest.get("adapter")
+        teacher_model = SharedBaseTeacher(model, Path(config.teacher) / adapter if adapter else None)
     if config.gradient_checkpointing:
         model.enable_input_require_grads()
     args = training_arguments(
@@ -283,6 +292,7 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
         "n_align_rows": n_align,
         "n_packed_rows": len(task_rows),
         "attention": "varlen" if varlen else "block-mask",
+        "teacher_weights": ("shared with the student" if shared else "separate copy") if config.distilling else None,
         "config": {k: v for k, v in asdict(config).items() if k not in ("progress",)},
         "world_size": world_size(),
         "global_batch_rows": config.rows_per_step * config.grad_accum * world_size(),
@@ -296,7 +306,7 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
         "adapter": str(adapter_dir),
     }
     if is_main_process():  # Trainer saved checkpoints from rank 0 only; so are the outputs
-        trainer.model.save_pretrained(str(adapter_dir))
+        trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])  # not the teacher's
         tokenizer.save_pretrained(str(adapter_dir))
         out.mkdir(parents=True, exist_ok=True)
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")

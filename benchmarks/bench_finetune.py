@@ -20,20 +20,24 @@ with the same LoRA student and frozen teacher, forward and backward:
   second copy of the model.
 
 Reported: real (non-padding) tokens per second (the sides' first steps are the warm-up check that
-all compute the same loss), and, for each side, a fresh process that loads the models and runs one
-step and one optimizer update, measuring every part of the memory next to the part computed from
-the shapes (``finetune_memory.py``: weights, LoRA gradients, AdamW state, saved activations by
-kind, loss chunks, allocator slack). "peak" is the step's peak above the loaded models, as in the
-first version of this benchmark. On CPU the memory is the resident set, on CUDA the allocator's.
+all compute the same loss; then the sides run in rounds, A B C A B C, and each side's fastest
+round counts, since other work on a shared machine only adds time), and, for each side, a fresh
+process that loads the models and runs one step and one optimizer update, measuring every part
+of the memory next to the part computed from the shapes (``finetune_memory.py``: weights, LoRA
+gradients, AdamW state, saved activations by kind, loss chunks, allocator slack). "peak" is the
+step's peak above the loaded models. On CPU the memory is the resident set, on CUDA the
+allocator's.
 
     python benchmarks/bench_finetune.py --quick --threads 1 --json benchmarks/results/finetune_cpu_quick.json
-    python benchmarks/bench_finetune.py --quick --device cuda --json benchmarks/results/finetune_gpu_quick.json
+    python benchmarks/bench_finetune.py --quick --device cuda --json benchmarks/results/finetune_gpu.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -337,8 +341,8 @@ def account(args: argparse.Namespace, side: str, student, batches: dict, measure
         "step peak": "peak during forward + backward above the loaded models",
     }
     if side == "refteacher+ckpt":
-        how["saved activations"] += ("; the checkpointed layers keep their inputs through checkpoint's own hooks, "
-                                     "which these do not see (they land in the slack row)")
+        how["saved activations"] += ("; with checkpointing these are the layers' inputs, and the activations "
+                                     "recomputed in the backward land in the slack row")
     rows = component_rows(computed, got, how)
     saved_by_kind = {k: round(v / MIB, 1) for k, v in measured["saved"].items() if k != "total"}
     return {"side": side, "components": rows, "saved_activations_by_kind_mib": saved_by_kind,
@@ -350,9 +354,25 @@ def account(args: argparse.Namespace, side: str, student, batches: dict, measure
 # ----------------------------------------------------------------------------- the run
 
 
+def interleaved_timings(calls: dict, repeat: int, device: torch.device) -> dict[str, dict]:
+    """Time each call ``repeat`` times in rounds (A B C A B C ...), so every side sees the same drift
+    in the machine's load; per side the fastest and the median run, ms. The fastest is the figure:
+    other work on a shared machine only ever adds time."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(max(1, repeat)):
+        for name, call in calls.items():
+            times[name].append(time_call(call, repeat=1, warmup=0, device=device)["median_ms"])
+    return {name: {"min_ms": min(ms), "median_ms": statistics.median(ms), "all_ms": ms} for name, ms in times.items()}
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Check the sides compute the same loss, time them, then measure and account for their memory."""
+    """Measure each side's memory in fresh processes, then (models loaded here only now, so the
+    measuring processes have the memory to themselves) check the sides compute the same loss,
+    time them and account for the memory."""
     device = torch.device(args.device)
+    load_before = os.getloadavg()
+    measured = {side: measure_in_subprocess(args, side) for side in SIDES}
+    exact = measure_in_subprocess(args, "refteacher", exact_malloc=True) if device.type == "cpu" else None
     student, teachers, batches, varlen = setup(args)
 
     def one(side):
@@ -368,15 +388,14 @@ def run(args: argparse.Namespace) -> dict:
         return call
 
     losses = {side: one(side)() for side in SIDES}  # also the warm-up
-    timings = {side: time_call(one(side), repeat=args.repeat, warmup=0, device=device) for side in SIDES}
+    timings = interleaved_timings({side: one(side) for side in SIDES}, args.repeat, device)
     teachers.clear()
-    measured = {side: measure_in_subprocess(args, side) for side in SIDES}
-    exact = measure_in_subprocess(args, "refteacher", exact_malloc=True) if device.type == "cpu" else None
     real_tokens = batches["real_tokens"]
     rows = []
     for side in SIDES:
-        seconds = timings[side]["median_ms"] / 1e3
-        rows.append({"step": side, "median_ms": timings[side]["median_ms"], "tokens_per_s": real_tokens / seconds,
+        seconds = timings[side]["min_ms"] / 1e3
+        rows.append({"step": side, "min_ms": timings[side]["min_ms"], "median_ms": timings[side]["median_ms"],
+                     "tokens_per_s": real_tokens / seconds,
                      "peak_mib": measured[side]["step_peak"] / MIB,
                      "peak_with_weights_mib": (measured[side]["step_peak"] + measured[side]["weights"]) / MIB})
     fused, ckpt, naive = rows
@@ -390,6 +409,9 @@ def run(args: argparse.Namespace) -> dict:
         "model": args.model,
         "settings": {"task_examples": args.task_rows, "align_examples": args.align_rows, "max_len": args.max_len,
                      "lambda": args.lam, "repeat": args.repeat, "quick": args.quick, "device": args.device,
+                     "timing": "sides interleaved in rounds; tokens/s from each side's fastest round",
+                     "load_average_before": [round(x, 2) for x in load_before],
+                     "load_average_after": [round(x, 2) for x in os.getloadavg()],
                      "teacher_weights": args.teacher_weights, "lora_rank": LORA_RANK,
                      "attention": "varlen" if varlen else student.config._attn_implementation},
         "shapes": {"packed_task": list(packed["input_ids"].shape),
@@ -437,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure:
         return measure_one(args)
     result = run(args)
-    print(format_table(result["results"], ["step", "median_ms", "tokens_per_s", "peak_mib", "peak_with_weights_mib"]))
+    print(format_table(result["results"], ["step", "min_ms", "median_ms", "tokens_per_s", "peak_mib",
+                                            "peak_with_weights_mib"]))
     print(f"speedup {result['speedup_tokens_per_s']:.2f}x tokens/s, memory ratio {result['memory_ratio']:.2f}; "
           f"with checkpointing {result['ckpt_speedup_tokens_per_s']:.2f}x, {result['ckpt_memory_ratio']:.2f} "
           f"(losses {', '.join(f'{k} {v:.4f}' for k, v in result['loss'].items())})")

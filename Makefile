@@ -2,6 +2,7 @@
 #   make quickstart   install (if needed), then build a teacher, filter, finetune, evaluate
 #   make test         install (if needed), then run the test suite
 #   make bench        run every benchmark in quick mode
+#   make gpu-check    on a GPU machine: every CUDA test and every benchmark's GPU case (JSON under benchmarks/results/)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -12,7 +13,7 @@ STAMP  := $(VENV)/.stamp-install
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast quickstart bench clean
+.PHONY: install test test-fast quickstart bench gpu-check clean
 
 install: $(STAMP)
 
@@ -41,6 +42,10 @@ bench: install
 	$(PY) benchmarks/bench_filter.py --quick
 	$(PY) benchmarks/bench_filter_ray.py --quick
 	$(PY) benchmarks/bench_finetune.py --quick
+
+# Every CUDA test and the GPU case of every benchmark (< 8 minutes on one GPU); fails loudly without CUDA.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf build *.egg-info engine/data/_packer*.so .pytest_cache

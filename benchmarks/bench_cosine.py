@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     devices = ["cpu"] if args.device in ("all", "cpu") else []
     if args.device in ("all", "cuda") and torch.cuda.is_available():
         devices.append("cuda")
+    if args.device == "cuda" and not devices:
+        parser.error("--device cuda: no CUDA device is visible to torch")
     repeat, warmup = (3, 1) if args.quick else (7, 2)
     rows, envs = [], {}
     for device in devices:

@@ -11,7 +11,13 @@ Shapes: N in {1024, 4096, 8192}; (H, V) in {(576, 49152) (the default model), (4
 (Llama-3-8B)}. Cases whose naive run would not fit in free memory, or that take too long on a CPU
 (the Llama head on CPU: ~17 TFLOP per step), are skipped and listed with the reason.
 
+On CUDA, where Liger Kernel installs (``liger_kernel``), each case also times its fused linear JSD
+(``LigerFusedLinearJSD``, a peer that likewise never holds [N, V] logits) against ours with
+``direction="jsd"`` at beta 0.5 (the symmetric JSD, so both conventions of beta agree), and
+records how far the two losses are apart.
+
     python benchmarks/bench_kl.py --quick --json benchmarks/results/kl_cpu.json
+    python benchmarks/bench_kl.py --quick --device cuda --json benchmarks/results/kl_gpu.json
 """
 from __future__ import annotations
 
@@ -102,6 +108,43 @@ def bare_matmuls(inputs, weight_grad):
     return run
 
 
+def liger_jsd():
+    """Liger Kernel's fused linear JSD module class, or None when liger_kernel does not import."""
+    try:
+        from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+    except Exception:  # not installed, or built for another torch/triton
+        return None
+    return LigerFusedLinearJSD
+
+
+def add_liger_columns(row: dict, inputs: dict, device: torch.device, repeat: int, warmup: int) -> None:
+    """Time Liger's fused linear JSD against ours (jsd, beta 0.5) on the same inputs; add to ``row``."""
+    module = liger_jsd()
+    if module is None or device.type != "cuda":
+        row["liger"] = "not installed" if module is None else "CUDA only"
+        return
+    liger = module(jsd_beta=0.5, temperature=1.0)
+
+    def ours_fn(**kw):
+        return fused_linear_kl(**kw, beta=0.5)
+
+    def liger_fn(student_hidden, student_weight, teacher_hidden, teacher_weight, direction):
+        return liger(student_hidden, student_weight, teacher_hidden, teacher_weight)
+
+    ours = step(ours_fn, inputs, "jsd")
+    theirs = step(liger_fn, inputs, "jsd")
+    row["jsd_fused_ms"] = time_call(ours, repeat=repeat, warmup=warmup, device=device)["median_ms"]
+    row["liger_ms"] = time_call(theirs, repeat=repeat, warmup=warmup, device=device)["median_ms"]
+    row["jsd_fused_peak_mb"] = peak_memory(ours, device) / 2**20
+    row["liger_peak_mb"] = peak_memory(theirs, device) / 2**20
+    row["liger_time_ratio"] = row["jsd_fused_ms"] / row["liger_ms"]
+    with torch.no_grad():
+        a = float(ours_fn(**{k: v.detach() for k, v in inputs.items()}, direction="jsd"))
+        b = float(liger_fn(**{k: v.detach() for k, v in inputs.items()}, direction="jsd"))
+    row["jsd_loss"], row["liger_loss"] = a, b
+    row["liger_abs_diff"] = abs(a - b)
+
+
 def run_case(device, dtype, n, hidden, vocab, args) -> dict:
     """Measure one case; returns a result row."""
     weight_grad = not args.frozen_head
@@ -124,6 +167,8 @@ def run_case(device, dtype, n, hidden, vocab, args) -> dict:
     row["memory_ratio"] = row["fused_peak_mb"] / max(row["naive_peak_mb"], 1e-9)
     row["fused_over_matmul"] = row["fused_ms"] / row["matmul_ms"]
     row["timing"] = {"fused": fused_time, "naive": naive_time, "matmul": matmul_time}
+    if device.type == "cuda":
+        add_liger_columns(row, inputs, device, repeat, warmup)
     return row
 
 
@@ -171,8 +216,14 @@ def main(argv: list[str] | None = None) -> int:
                                     "reason": reason})
                 else:
                     cases.append((device, dtype, n, hidden, vocab))
+    if args.device == "cuda" and not any(d.type == "cuda" for d in devices):
+        parser.error("--device cuda: no CUDA device is visible to torch")
     rows = [run_case(*case, args) for case in tqdm(cases, desc="bench_kl", unit="case")]
     print(format_table(rows, COLUMNS))
+    if any("liger_ms" in row for row in rows):
+        print(format_table([r for r in rows if "liger_ms" in r],
+                           ["N", "H", "V", "jsd_fused_ms", "liger_ms", "liger_time_ratio", "jsd_fused_peak_mb",
+                            "liger_peak_mb", "liger_abs_diff"]))
     for skip in skipped:
         where = f"{skip['device']} N={skip['N']} H={skip['H']} V={skip['V']}"
         print(f"skipped {where}: {skip['reason']}")
@@ -181,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "fused_linear_kl vs naive (forward+backward)",
             "command": " ".join(["python", "benchmarks/bench_kl.py", *(argv or sys.argv[1:])]),
             "environment": {d.type: environment(d) for d in devices},
+            "liger_kernel": "installed" if liger_jsd() is not None else "not installed",
             "rows": rows,
             "skipped": skipped,
         }

@@ -236,3 +236,74 @@ def test_cli_parses_the_issue_flags():
                               "--lora-r", "8", "--max-steps", "3", "--resume"])
     assert (args.lam, args.temperature, args.kl, args.lora_r, args.max_steps, args.resume) == (0.5, 2.0, "jsd", 8, 3, True)
     assert args.baseline is None and callable(args.func)
+
+
+@pytest.fixture(scope="module")
+def adapter_teacher_dir(tiny_model_dir, tmp_path_factory):
+    """A teacher over the tiny model with a trained-looking LoRA adapter (random B) on layers 0-1."""
+    from peft import LoraConfig, get_peft_model
+
+    from refteacher.engine.modeling.loading import load_model
+    from refteacher.engine.modeling.teacher_dir import save_teacher_dir
+
+    torch.manual_seed(3)
+    peft = get_peft_model(load_model(str(tiny_model_dir), device="cpu"),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"],
+                                     layers_to_transform=[0, 1]))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return save_teacher_dir(tmp_path_factory.mktemp("teachers") / "adapter_teacher", model_spec=str(tiny_model_dir),
+                            model_hash="tiny", feature=torch.nn.functional.normalize(torch.randn(64), dim=0),
+                            layer=2, threshold=0.1, adapter_model=peft)
+
+
+def test_shared_base_teacher_computes_the_separate_teachers_kl(tiny_model_dir, adapter_teacher_dir):
+    from refteacher.engine.finetune.config import FinetuneConfig
+    from refteacher.engine.finetune.dataset import PackedPairCollator, PairedRows, encode_rows, pack_examples
+    from refteacher.engine.finetune.losses import alignment_kl, task_cross_entropy
+    from refteacher.engine.finetune.shared_teacher import SharedBaseTeacher
+    from refteacher.engine.finetune.trainer import add_lora
+    from refteacher.engine.modeling.loading import load_model, load_tokenizer
+    from refteacher.engine.modeling.teacher_dir import load_teacher
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    rows = pack_examples(encode_rows(tokenizer, ROWS, 64), 64)
+    batch = PackedPairCollator(tokenizer.pad_token_id)(list(PairedRows(rows, rows)))
+    student = add_lora(load_model(str(tiny_model_dir), device="cpu"),
+                       FinetuneConfig(data="-", out="-", baseline="sft", lora_r=4))
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    trainable = [n for n, p in student.named_parameters() if p.requires_grad]
+    ce_before = task_cross_entropy(student, batch).detach()
+    shared = SharedBaseTeacher(student, adapter_teacher_dir / "adapter")
+    separate = load_teacher(adapter_teacher_dir, device="cpu", merge_adapter=True).model
+    for direction in ("forward", "jsd"):
+        ours = alignment_kl(student, shared, batch, direction=direction)
+        theirs = alignment_kl(student, separate, batch, direction=direction)
+        assert float(theirs.detach()) > 1e-3  # the adapters differ: a real KL
+        torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-5, atol=1e-7)
+    ours.backward()
+    # The student is untouched by the switch: same trainable weights, same loss, gradients only on them.
+    assert [n for n, p in student.named_parameters() if p.requires_grad] == trainable
+    assert all(p.grad is None for n, p in student.named_parameters() if ".teacher." in n)
+    torch.testing.assert_close(task_cross_entropy(student, batch).detach(), ce_before)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        shared(input_ids=batch["align_input_ids"])
+
+
+def test_finetune_with_an_adapter_teacher_saves_only_the_student(tmp_path, adapter_teacher_dir, data_files):
+    from refteacher.engine.finetune.config import FinetuneConfig
+    from refteacher.engine.finetune.trainer import run_finetune
+
+    task, align = data_files
+    summary = run_finetune(FinetuneConfig(data=str(task), align=str(align), teacher=str(adapter_teacher_dir),
+                                          out=str(tmp_path / "out"), max_steps=2, logging_steps=1, save_steps=100,
+                                          max_len=96, lora_r=4, learning_rate=5e-3, progress=False))
+    assert summary["teacher_weights"] == "shared with the student" and summary["final"]["kl"] > 0
+    saved = _adapter_weights(tmp_path / "out")
+    assert saved and not any("teacher" in name for name in saved)
+    assert not (tmp_path / "out" / "adapter" / "teacher").exists()

@@ -6,6 +6,7 @@ import argparse
 from refteacher.engine.config_args import add_config_arguments, config_from_args
 from refteacher.engine.finetune.config import FinetuneConfig
 from refteacher.engine.finetune.trainer import run_finetune
+from refteacher.engine.modeling.distributed import is_main_process
 
 
 def add_finetune_cli(subparsers) -> None:
@@ -28,6 +29,8 @@ def add_finetune_cli(subparsers) -> None:
 def _cli_finetune(args: argparse.Namespace) -> int:
     config = config_from_args(FinetuneConfig, args)
     summary = run_finetune(config)
+    if not is_main_process():  # one line per run, not per rank
+        return 0
     final = ", ".join(f"{k} {v:.4f}" for k, v in summary["final"].items())
     print(f"finetuned {summary['mode']} for {summary['steps']} steps in {summary['seconds']:.0f} s ({final}); "
           f"adapter in {summary['adapter']}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from refteacher.engine.modeling.forward import final_hidden_states, lm_head_of
-from refteacher.engine.modeling.token_losses import DEFAULT_CHUNK, linear_cross_entropy, shifted_targets
+from refteacher.engine.modeling.token_losses import linear_cross_entropy, shifted_targets
 from refteacher.kernels.kl import fused_linear_kl
 
 # --------------------------------------------------------------------------------------------
@@ -21,7 +21,7 @@ def task_cross_entropy(model, batch: dict[str, torch.Tensor], *, chunk_size: int
     hidden = final_hidden_states(model, batch["input_ids"], batch["position_ids"])
     mask, targets = shifted_targets(batch["labels"])
     weight, bias = lm_head_of(model)
-    return linear_cross_entropy(hidden[mask], weight, targets, bias=bias, chunk_size=chunk_size or DEFAULT_CHUNK)
+    return linear_cross_entropy(hidden[mask], weight, targets, bias=bias, chunk_size=chunk_size)
 
 
 def alignment_kl(

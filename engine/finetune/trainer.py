@@ -8,23 +8,27 @@ One optimisation step of the student (the base model with a fresh peft LoRA adap
 Both terms are computed from final hidden states (after the final norm) and LM-head weights, never
 from full logits: the cross-entropy over the label positions only, a chunk at a time
 (``refteacher.engine.losses``), the KL with ``refteacher.kernels.kl.fused_linear_kl`` over the
-response tokens of the alignment rows. The teacher (its ReFT adapter merged) is frozen.
+response tokens of the alignment rows. The teacher is frozen: when it was built on the student's
+own model it is that model with the teacher's adapter switched in (``SharedBaseTeacher``: no
+second copy of the weights), otherwise a separately loaded model with its adapter merged.
 
 Training runs on transformers' ``Trainer`` with a custom ``compute_loss`` and data collator (the
 settings shared with the teacher's Trainer in engine/modeling/hf_trainer.py), so
 checkpoints (``OUT/checkpoints/checkpoint-N``), gradient accumulation, logging, ``--resume`` and
-accelerate / torchrun launches behave as users expect. The data is streamed: rows are read and
-tokenised in batches and packed as they come (``engine/finetune/dataset.py``) into memory-mapped
-stores under ``OUT/packed``, so memory does not grow with the dataset. Every dataset item is one
-packed task row paired with one packed alignment row (alignment rows are cycled); the sampler
-shuffles items with the run's seed, and a resumed run skips exactly the batches already seen (and
-reuses the stores instead of tokenising again).
+accelerate / torchrun launches behave as users expect (each rank computes both losses on its
+own micro-batches, the gradients are averaged, and rank 0 writes the outputs). The data is
+streamed: rows are read and tokenised in batches and packed as they come
+(``engine/finetune/dataset.py``) into memory-mapped stores under ``OUT/packed``, so memory does not
+grow with the dataset. Every dataset item is one packed task row paired with one packed
+alignment row (alignment rows are cycled); the sampler shuffles items with the run's seed, and a
+resumed run skips exactly the batches already seen (and reuses the stores instead of tokenising
+again).
 
 ``baseline="sft"`` is plain LoRA finetuning on the (unfiltered) data with no teacher and no KL.
 
 Outputs under ``OUT``: ``adapter/`` (the student's LoRA adapter, loadable with
-``PeftModel.from_pretrained``), ``finetune.json`` (configuration, inputs, figures),
-``checkpoints/`` and ``packed/`` (the packed task and alignment rows, about 8 bytes a token).
+``PeftModel.from_pretrained``), ``finetune.json`` (configuration, inputs, figures) and
+``checkpoints/``.
 """
 from __future__ import annotations
 
@@ -41,18 +45,34 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, set_seed
 
-from refteacher.engine.errors import UserError
-from refteacher.engine.finetune.config import ADAPTER_DIR, CHECKPOINT_DIR, FORMAT, SUMMARY_FILE, FinetuneConfig
 from refteacher.engine.data.readers import open_source
-from refteacher.engine.finetune.config import PACKED_DIR
+from refteacher.engine.errors import UserError
+from refteacher.engine.finetune.config import (
+    ADAPTER_DIR,
+    CHECKPOINT_DIR,
+    FORMAT,
+    PACKED_DIR,
+    SUMMARY_FILE,
+    FinetuneConfig,
+)
 from refteacher.engine.finetune.dataset import PackedPairCollator, PairedRows, build_packed_rows
 from refteacher.engine.finetune.losses import alignment_kl, task_cross_entropy
+from refteacher.engine.finetune.shared_teacher import SharedBaseTeacher
 from refteacher.engine.modeling.attention import prepare_for_packing
+from refteacher.engine.modeling.distributed import (
+    barrier,
+    gather_objects,
+    is_main_process,
+    launch_device,
+    mean_across_ranks,
+    parameter_digest,
+    unwrap_model,
+    world_size,
+)
 from refteacher.engine.modeling.forward import lm_head_of
-from refteacher.engine.modeling.hf_trainer import latest_checkpoint, training_arguments
+from refteacher.engine.modeling.hf_trainer import RankSyncedSteps, latest_checkpoint, training_arguments
 from refteacher.engine.modeling.loading import (
     DEFAULT_MODEL,
-    default_device,
     load_model,
     load_tokenizer,
     model_fingerprint,
@@ -64,8 +84,12 @@ log = logging.getLogger(__name__)
 
 def _make_trainer_class():
     """Build the Trainer subclass lazily (transformers is imported only when training)."""
-    class DistillTrainer(Trainer):
-        """transformers' Trainer with the ReFT loss: CE on packed task rows + lambda * KL on alignment rows."""
+    class DistillTrainer(RankSyncedSteps, Trainer):
+        """transformers' Trainer with the ReFT loss: CE on packed task rows + lambda * KL on alignment rows.
+
+        The loss runs the student unwrapped (``RankSyncedSteps`` averages its gradients over the
+        ranks of a DDP run); the logged ``ce`` and ``kl`` are means over micro-batches and ranks.
+        """
 
         def __init__(self, *args, teacher=None, lam: float = 0.0, temperature: float = 1.0,
                      direction: str = "forward", beta: float = 0.5, chunk_size: int | None = None, **kwargs):
@@ -80,11 +104,16 @@ def _make_trainer_class():
             self.model_accepts_loss_kwargs = False
             self._parts: dict[str, list[float]] = {"ce": [], "kl": []}
 
+        @property
+        def distilling(self) -> bool:
+            return self.teacher is not None and self.lam > 0
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            model = unwrap_model(model)
             ce = task_cross_entropy(model, inputs, chunk_size=self.chunk_size)
             loss = ce
             self._parts["ce"].append(float(ce.detach()))
-            if self.teacher is not None and self.lam > 0 and "align_input_ids" in inputs:
+            if self.distilling and "align_input_ids" in inputs:
                 kl = alignment_kl(model, self.teacher, inputs, temperature=self.temperature,
                                   direction=self.direction, beta=self.beta, chunk_size=self.chunk_size)
                 loss = ce + self.lam * kl
@@ -93,9 +122,11 @@ def _make_trainer_class():
 
         def log(self, logs: dict[str, float], *args, **kwargs) -> None:
             if "loss" in logs:
-                for name, values in self._parts.items():
-                    if values:
-                        logs[name] = round(sum(values) / len(values), 6)
+                # Every rank logs at the same steps with the same keys: the mean is a collective.
+                names = ["ce", "kl"] if self.distilling else ["ce"]
+                local = {n: sum(v) / len(v) if v else 0.0 for n, v in self._parts.items() if n in names}
+                logs.update({n: round(v, 6) for n, v in mean_across_ranks(local).items()})
+                for values in self._parts.values():
                     values.clear()
             super().log(logs, *args, **kwargs)
 
@@ -169,7 +200,7 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
     elif latest_checkpoint(checkpoints) is not None:
         raise UserError(f"{checkpoints} already holds checkpoints; pass --resume to continue that run "
                         "or choose another --out")
-    device = torch.device(config.device) if config.device else default_device()
+    device = launch_device(config.device)
     set_seed(config.seed)
 
     teacher = None
@@ -210,12 +241,19 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
     student_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(student_spec, device=device, dtype=student_dtype)
     varlen = prepare_for_packing(model, device)
-    if config.distilling:
+    # A teacher built on the student's own model shares its weights (engine/finetune/shared_teacher.py);
+    # one built on another model is loaded whole, its adapter merged.
+    shared = config.distilling and str(student_spec) == str(teacher_manifest["model"])
+    if config.distilling and not shared:
         teacher = load_teacher(config.teacher, device=device, dtype=student_dtype, merge_adapter=True)
         prepare_for_packing(teacher.model, device)
         _check_same_vocabulary(tokenizer, teacher.tokenizer, model, teacher.model)
 
     model = add_lora(model, config)
+    teacher_model = teacher.model if teacher is not None else None
+    if shared:
+        adapter = teacher_manifest.get("adapter")
+        teacher_model = SharedBaseTeacher(model, Path(config.teacher) / adapter if adapter else None)
     if config.gradient_checkpointing:
         model.enable_input_require_grads()
     trainer_class = _make_trainer_class()
@@ -225,7 +263,7 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
         train_dataset=dataset,
         data_collator=PackedPairCollator(tokenizer.pad_token_id, varlen=varlen),
         callbacks=list(callbacks),
-        teacher=teacher.model if teacher is not None else None,
+        teacher=teacher_model,
         lam=config.lam if config.distilling else 0.0,
         temperature=config.temperature,
         direction=config.kl,
@@ -237,9 +275,12 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
     seconds = time.perf_counter() - started
 
     adapter_dir = out / ADAPTER_DIR
-    trainer.model.save_pretrained(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
-    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    # Every rank must end with the same adapter; a difference means the gradients were not synced.
+    digests = gather_objects(parameter_digest(trainer.model))
+    if len(set(digests)) > 1:
+        log.error("the ranks ended with different adapters (%s); rank 0's is saved", ", ".join(digests))
+    history = [{k: entry[k] for k in ("step", "loss", "ce", "kl") if k in entry}
+               for entry in trainer.state.log_history if "loss" in entry]
     last = history[-1] if history else {}
     summary = {
         "format": FORMAT,
@@ -258,14 +299,23 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
         "n_packed_rows": len(task_rows),
         "n_packed_align_rows": len(align_rows) if align_rows is not None else 0,
         "attention": "varlen" if varlen else "block-mask",
+        "teacher_weights": ("shared with the student" if shared else "separate copy") if config.distilling else None,
         "config": {k: v for k, v in asdict(config).items() if k not in ("progress",)},
+        "world_size": world_size(),
+        "global_batch_rows": config.rows_per_step * config.grad_accum * world_size(),
+        "adapter_sha256_per_rank": digests,
         "steps": int(trainer.state.global_step),
         "resumed_from": resume_from,
         "train_loss": float(result.training_loss),
         "final": {k: last[k] for k in ("loss", "ce", "kl") if k in last},
+        "history": history,
         "seconds": round(seconds, 2),
         "adapter": str(adapter_dir),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    if is_main_process():  # Trainer saved checkpoints from rank 0 only; so are the outputs
+        trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])  # not the teacher's
+        tokenizer.save_pretrained(str(adapter_dir))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    barrier()  # every rank returns once the outputs exist
     return summary

@@ -29,6 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from refteacher.engine.errors import UserError
+from refteacher.engine.modeling.distributed import launch_device
 from refteacher.engine.storage import cache_root
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -240,8 +241,8 @@ def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False):
 
 
 def default_device() -> torch.device:
-    """Return cuda when a GPU is available, else cpu."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Return cuda when a GPU is available (``cuda:LOCAL_RANK`` under torchrun or accelerate), else cpu."""
+    return launch_device(None)
 
 
 def load_model(

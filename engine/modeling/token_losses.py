@@ -4,7 +4,9 @@ Labels follow the Hugging Face convention (unshifted, -100 = no loss): the hidde
 position t predicts ``labels[t + 1]``. ``shifted_targets`` picks those positions once; the
 cross-entropy then multiplies only the selected hidden states by the LM head, a chunk at a time,
 recomputing each chunk's logits in the backward pass, so memory holds one chunk of logits
-([chunk, V]) instead of [tokens, V].
+([chunk, V]) instead of [tokens, V]. A chunk holds as many tokens as keep a [chunk, V] float32
+buffer within the fused KL's per-device budget (``kernels.kl.default_chunk_size``: 64 MiB on CPU,
+256 MiB on CUDA), so a large vocabulary gets fewer tokens per chunk.
 """
 from __future__ import annotations
 
@@ -13,8 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from refteacher.engine.data.chat_examples import IGNORE_INDEX
-
-DEFAULT_CHUNK = 1024
+from refteacher.kernels.kl import default_chunk_size
 
 
 def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,13 +43,14 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Return the mean cross-entropy of ``hidden @ weight.T (+ bias)`` against ``targets``.
 
     ``hidden`` [N, H] (any float dtype; logits are taken in float32), ``weight`` [V, H],
-    ``targets`` [N] long. Computed ``chunk_size`` rows at a time with activation checkpointing, so
-    at most [chunk_size, V] logits exist at once, forward and backward. Returns a float32 scalar
+    ``targets`` [N] long. Computed ``chunk_size`` rows at a time (default: the device's budget, see
+    the module doc) with activation checkpointing, so at most [chunk_size, V] logits exist at
+    once, forward and backward. Returns a float32 scalar
     (0 with a zero gradient when N == 0).
     """
     if hidden.shape[0] != targets.shape[0]:
@@ -56,7 +58,7 @@ def linear_cross_entropy(
     n = hidden.shape[0]
     if n == 0:
         return hidden.sum().float() * 0.0
-    chunk_size = max(1, int(chunk_size))
+    chunk_size = max(1, int(chunk_size or default_chunk_size(weight.shape[0], hidden.device)))
     total = hidden.new_zeros((), dtype=torch.float32)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     for start in range(0, n, chunk_size):

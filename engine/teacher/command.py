@@ -9,6 +9,7 @@ from refteacher.engine import config_args
 from refteacher.engine.config_args import add_config_arguments
 from refteacher.engine.data.prompt_sets import BUILTIN_SETS
 from refteacher.engine.errors import UserError
+from refteacher.engine.modeling.distributed import is_main_process
 from refteacher.engine.modeling.loading import DEFAULT_MODEL, load_model, load_tokenizer
 from refteacher.engine.teacher.config import DEFAULT_SETS, FeatureConfig, TeacherConfig
 from refteacher.engine.teacher.feature import (
@@ -84,6 +85,8 @@ def _run_teacher(args: argparse.Namespace) -> int:
     else:
         harmful, harmless, test = default_records(args.test_fraction, config.build_data_seed)
     result = train_teacher(args.model, harmful, harmless, args.out, config, progress=not args.quiet)
+    if not is_main_process():  # every rank built the same teacher; one reports it
+        return 0
     summary = {"teacher": str(result.path), "layer": result.layer, "threshold": result.threshold,
                "calibration": result.calibration, "build_seconds": round(result.seconds, 1)}
     if test:

@@ -27,6 +27,10 @@ steps and saves it, with the per-step loss history, into each ``checkpoint-N`` f
 + JSON) under ``OUT.teacher-checkpoint``, every ``checkpoint_every`` steps. A rerun of the same
 build resumes from the last checkpoint and gives the same teacher as an uninterrupted run; the
 checkpoints of a different build (other data, config or model) are removed, not resumed.
+
+Under torchrun or ``accelerate launch`` each rank draws its own micro-batches (Trainer shards
+the StepBatches items), the gradients are averaged over the ranks, and rank 0 writes the
+teacher directory: W processes with ``grad_accum`` A train as one process with W * A.
 """
 from __future__ import annotations
 
@@ -49,8 +53,14 @@ from refteacher.engine.data.chat_examples import encode_example
 from refteacher.engine.data.prompt_sets import load_prompt_set, prompt_set_hash, split_records
 from refteacher.engine.errors import UserError
 from refteacher.engine.modeling.chat_prompts import encode_prompts, pad_token_id
+from refteacher.engine.modeling.distributed import barrier, is_main_process, mean_across_ranks, unwrap_model, world_size
 from refteacher.engine.modeling.forward import num_layers
-from refteacher.engine.modeling.hf_trainer import latest_checkpoint, silence_log_printing, training_arguments
+from refteacher.engine.modeling.hf_trainer import (
+    RankSyncedSteps,
+    latest_checkpoint,
+    silence_log_printing,
+    training_arguments,
+)
 from refteacher.engine.modeling.loading import load_model, load_tokenizer, model_fingerprint
 from refteacher.engine.modeling.prompt_states import PrefixCache, last_token_states, prompt_hidden
 from refteacher.engine.modeling.teacher_dir import save_teacher_dir
@@ -151,10 +161,9 @@ class FeatureRefresh(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         parts, self._parts = self._parts, []
-        entry = {"step": state.global_step}
-        for key in ("loss",) + LOGGED_PARTS:
-            entry[key] = sum(p[key] for p in parts) / max(1, len(parts))
-        self.history.append(entry)
+        means = {key: sum(p[key] for p in parts) / max(1, len(parts)) for key in ("loss",) + LOGGED_PARTS}
+        # Every rank ends every step: the mean over ranks is the step's loss over the global batch.
+        self.history.append({"step": state.global_step, **mean_across_ranks(means)})
         if self.on_step is not None:
             self.on_step(state.global_step, self.peft_model, self.estimate)
         if self.stop_after is not None and self.stop_after <= state.global_step < state.max_steps:
@@ -179,9 +188,13 @@ class FeatureRefresh(TrainerCallback):
 FEATURE_BATCH_PADDING = 0.25  # most padding a length group of a feature batch may hold
 
 
-class TeacherTrainer(Trainer):
+class TeacherTrainer(RankSyncedSteps, Trainer):
     """transformers' Trainer with the teacher's loss on one StepBatches item:
-    ``CE + feature_weight * feature_loss (+ anchor_weight * anchor_loss)``."""
+    ``CE + feature_weight * feature_loss (+ anchor_weight * anchor_loss)``.
+
+    The loss runs the peft model unwrapped (early exit, prefix cache); in a DDP run
+    ``RankSyncedSteps`` averages its gradients over the ranks.
+    """
 
     def __init__(self, *args, refresh: FeatureRefresh, config: TeacherConfig, layer: int, pad_id: int, **kwargs):
         super().__init__(*args, **kwargs)
@@ -202,6 +215,7 @@ class TeacherTrainer(Trainer):
         return last_token_states(model, ids, self.pad_id, [self.layer], prefix, max_padding=FEATURE_BATCH_PADDING)[0]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        model = unwrap_model(model)
         config = self.teacher_config
         ids, n_harmful = inputs["prompt_ids"], inputs["n_harmful"]
         hidden = self._states(model, ids)
@@ -359,7 +373,9 @@ def train_teacher(
         if resume_from is not None:
             refresh.restore(resume_from, next(peft_model.parameters()).device)
         else:
-            shutil.rmtree(checkpoints, ignore_errors=True)  # another build's, or none
+            if is_main_process():
+                shutil.rmtree(checkpoints, ignore_errors=True)  # another build's, or none
+            barrier()
             refresh.feature = estimate_feature()
         trainer = _teacher_trainer(peft_model, refresh, config, layer, pad_id, checkpoints, progress,
                                    StepBatches(harmful_ids, harmless_ids, ce_refusals, ce_answers,
@@ -390,8 +406,8 @@ def train_teacher(
                                        target_recall=config.target_recall, target_fpr=config.target_fpr, floor=floor)
     seconds = time.perf_counter() - started
     extra = {
-        "teacher": {"config": config.manifest(), "steps": config.max_steps, "history": history,
-                    "build_seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
+        "teacher": {"config": config.manifest(), "steps": config.max_steps, "world_size": world_size(),
+                    "history": history, "build_seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
                     "counts": data.counts},
         "inputs": {"harmful_sha256": prompt_set_hash(list(harmful_records)),
                    "harmless_sha256": prompt_set_hash(list(harmless_records)),
@@ -399,10 +415,13 @@ def train_teacher(
                    "harmless_sources": sorted({r.source for r in harmless_records})},
     }
     directions = category_directions(calib_h, data.calib_harmful_categories)
-    path = save_teacher_dir(out, model_spec=str(model_spec), model_hash=model_hash, feature=feature, layer=layer,
-                            threshold=threshold, calibration=calibration, adapter_model=peft_model, extra=extra,
-                            categories=directions)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    path = out
+    if is_main_process():  # every rank holds the same teacher; one writes it
+        path = save_teacher_dir(out, model_spec=str(model_spec), model_hash=model_hash, feature=feature, layer=layer,
+                                threshold=threshold, calibration=calibration, adapter_model=peft_model, extra=extra,
+                                categories=directions)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    barrier()
     _remove_lora(peft_model)
     return TeacherResult(path=path, layer=layer, threshold=threshold, calibration=calibration, history=history,
                          seconds=seconds)

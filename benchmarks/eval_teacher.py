@@ -133,9 +133,12 @@ def summarise_seeds(per_seed: list[dict]) -> dict:
     return out
 
 
-def run_category_folds(categories, records, args, config, model_spec) -> list[dict]:
+def run_category_folds(categories, records, args, config, model_spec, *, save=None) -> list[dict]:
     """Leave-one-category-out folds over ``args.seeds``: the raw feature of the untouched model on
-    every fold and seed (states cached), and trained teachers on the folds in ``args.teacher_folds``."""
+    every fold and seed (states cached), and trained teachers on the folds in ``args.teacher_folds``.
+
+    Seeds run in the outer loop, so every category has a figure before any gets its second seed;
+    ``save(results)``, if given, is called after each fold and seed (partial results survive)."""
     from dataclasses import replace
 
     from refteacher.engine.modeling.loading import load_model, load_tokenizer
@@ -146,14 +149,14 @@ def run_category_folds(categories, records, args, config, model_spec) -> list[di
     model, tokenizer = load_model(model_spec, device="cpu"), load_tokenizer(model_spec)
     layer = config.layer if config.layer is not None else _default_layer_of(model)
     states = StateCache(model, tokenizer, layer, config.max_prompt_tokens)
-    results = []
-    for category in categories:
-        fold = {"fold": f"{CATEGORY_FOLD}{category}", "category": category, "seeds": {}}
-        for seed in args.seeds:
+    folds = {category: {"fold": f"{CATEGORY_FOLD}{category}", "category": category, "seeds": {}}
+             for category in categories}
+    for seed in args.seeds:
+        for category, fold in folds.items():
             bh, bb, th, tb, everyday = category_fold_data(records, category, seed)
             if not th:
                 fold["skipped"] = f"no harmful prompts of category {category!r}"
-                break
+                continue
             seed_config = replace(config, seed=seed, data_seed=None)
             feature, threshold = raw_feature_fold(states, bh, bb, seed_config)
             prompts = {name: [r.prompt for r in rs] for name, rs in (("h", th), ("b", tb), ("e", everyday))}
@@ -172,14 +175,15 @@ def run_category_folds(categories, records, args, config, model_spec) -> list[di
                 entry["teacher"]["build_seconds"] = round(time.perf_counter() - started, 1)
                 del teacher
             fold["seeds"][str(seed)] = entry
+            for name in ("raw", "teacher"):
+                per_seed = [e[name] for e in fold["seeds"].values() if name in e]
+                if per_seed:
+                    fold[name] = {"seeds": len(per_seed), **summarise_seeds(per_seed)}
             print(f"{fold['fold']} seed {seed}: raw {raw}" + (f" teacher {entry['teacher']}" if "teacher" in entry
                                                             else ""), flush=True)
-        for name in ("raw", "teacher"):
-            per_seed = [e[name] for e in fold["seeds"].values() if name in e]
-            if per_seed:
-                fold[name] = {"seeds": len(per_seed), **summarise_seeds(per_seed)}
-        results.append(fold)
-    return results
+            if save is not None:
+                save(list(folds.values()))
+    return list(folds.values())
 
 
 def _default_layer_of(model) -> int:
@@ -410,16 +414,21 @@ def main(argv=None) -> int:
         if fold in FOLDS:
             results.append(run_fold(fold, records, args, config, args.model))
             print(table(results[-1:]), flush=True)
-    category_results = run_category_folds(categories, records, args, config, args.model) if categories else []
+    def save(category_results):
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(
+                {"model": args.model, "config": config.manifest(), "folds": results,
+                 "category_folds": category_results, "seeds": args.seeds, "torch_threads": torch.get_num_threads()},
+                indent=1))
+
+    category_results = (run_category_folds(categories, records, args, config, args.model, save=save)
+                        if categories else [])
     if results:
         print(table(results))
     if category_results:
         print(category_table(category_results))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"model": args.model, "config": config.manifest(), "folds": results,
-                                               "category_folds": category_results, "seeds": args.seeds,
-                                               "torch_threads": torch.get_num_threads()}, indent=1))
+    save(category_results)
     return 0
 
 

@@ -1,6 +1,7 @@
 """The README quality table: the raw difference-of-means feature of the untouched model against the
 trained ReFT teacher, in distribution, leave-one-source-out and leave-one-category-out, on prompts
-never used to build. The data is the default teacher's (``teacher.config.DEFAULT_SETS``).
+never used to build. The source folds use the default teacher's data (``teacher.config.DEFAULT_SETS``),
+the category folds every hazard category's (``TAXONOMY_SETS``).
 
 Folds (test = 20% held-out split of every set, by content hash; pairs and templates stay together):
 
@@ -344,7 +345,7 @@ def main(argv=None) -> int:
     from refteacher.engine.data.prompt_sets import load_prompt_set
     from refteacher.engine.errors import UserError
     from refteacher.engine.modeling.loading import DEFAULT_MODEL
-    from refteacher.engine.teacher.config import DEFAULT_SETS, TeacherConfig
+    from refteacher.engine.teacher.config import DEFAULT_SETS, TAXONOMY_SETS, TeacherConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -400,6 +401,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     records = [r for name in DEFAULT_SETS for r in load_prompt_set(name)]
+    taxonomy = records + [r for name in TAXONOMY_SETS if name not in DEFAULT_SETS for r in load_prompt_set(name)]
     folds = [f.strip() for f in args.folds.split(",") if f.strip()]
     categories = [f.removeprefix(CATEGORY_FOLD) for f in folds if f.startswith(CATEGORY_FOLD)]
     if "categories" in folds:
@@ -422,7 +424,7 @@ def main(argv=None) -> int:
                  "category_folds": category_results, "seeds": args.seeds, "torch_threads": torch.get_num_threads()},
                 indent=1))
 
-    category_results = (run_category_folds(categories, records, args, config, args.model, save=save)
+    category_results = (run_category_folds(categories, taxonomy, args, config, args.model, save=save)
                         if categories else [])
     if results:
         print(table(results))

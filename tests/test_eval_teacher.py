@@ -138,9 +138,9 @@ def test_leave_one_category_out_folds_report_mean_and_worst_over_seeds(eval_teac
 
 def test_a_category_fold_leaves_the_whole_category_out_of_building(eval_teacher):
     from refteacher.engine.data.prompt_sets import load_prompt_set
-    from refteacher.engine.teacher.config import DEFAULT_SETS
+    from refteacher.engine.teacher.config import TAXONOMY_SETS
 
-    records = [r for name in DEFAULT_SETS for r in load_prompt_set(name)]
+    records = [r for name in TAXONOMY_SETS for r in load_prompt_set(name)]
     bh, bb, th, tb, everyday = eval_teacher.category_fold_data(records, "privacy", seed=3)
     assert {r.category for r in th} == {"privacy"} == {r.category for r in tb}
     assert len(th) == sum(r.category == "privacy" and r.label == "harmful" for r in records)

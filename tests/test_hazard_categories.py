@@ -87,10 +87,10 @@ def test_project_written_sets_are_well_formed(name, keys, label):
         assert [r.category for r in records] == [row["category"] for row in rows]
 
 
-def test_every_default_harmful_row_has_a_category(builtin_records):
-    from refteacher.engine.teacher.config import DEFAULT_SETS
+def test_every_harmful_row_has_a_category(builtin_records):
+    from refteacher.engine.teacher.config import TAXONOMY_SETS
 
-    harmful = [r for name in DEFAULT_SETS for r in prompt_sets.load_builtin(name) if r.label == "harmful"]
+    harmful = [r for name in TAXONOMY_SETS for r in prompt_sets.load_builtin(name) if r.label == "harmful"]
     assert harmful and all(r.category in CATEGORY_SLUGS for r in harmful)
     assert set(CATEGORY_SLUGS) == {r.category for r in harmful}  # every category has build data
 

@@ -46,9 +46,9 @@ from refteacher.engine.data.splits import (
     Split,
     plan_splits,
     raw_rows,
-    row_bytes,
     read_split,
     record_columns,
+    row_bytes,
 )
 from refteacher.engine.errors import UserError
 from refteacher.engine.filter.config import OUTPUT_FORMATS

@@ -11,7 +11,7 @@ from refteacher.engine.data.prompt_sets import BUILTIN_SETS
 from refteacher.engine.errors import UserError
 from refteacher.engine.modeling.distributed import is_main_process
 from refteacher.engine.modeling.loading import DEFAULT_MODEL, load_model, load_tokenizer
-from refteacher.engine.teacher.config import DEFAULT_SETS, FeatureConfig, TeacherConfig
+from refteacher.engine.teacher.config import DEFAULT_SETS, TAXONOMY_SETS, FeatureConfig, TeacherConfig
 from refteacher.engine.teacher.feature import (
     DEFAULT_HARMFUL,
     DEFAULT_HARMLESS,
@@ -102,6 +102,9 @@ def _builtin_sets_help() -> str:
              "engine/data/hazard_taxonomy.py, sources and licenses: docs/prompt_sources.md):"]
     lines += [f"  {name:<{width}}  {text}" for name, text in BUILTIN_SETS.items()]
     lines.append(f"default build: {', '.join(DEFAULT_SETS)}")
+    harmful = [n for n in TAXONOMY_SETS if n not in ("matched_pairs", "edgy_benign", "topic_harmless", "everyday")]
+    lines.append("every hazard category: --harmful " + " ".join(harmful + ["matched_pairs:harmful"])
+                 + " --harmless matched_pairs:benign edgy_benign topic_harmless everyday")
     return "\n".join(lines)
 
 

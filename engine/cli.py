@@ -13,6 +13,7 @@ import sys
 from typing import NamedTuple, Sequence
 
 from refteacher.engine import __version__
+from refteacher.engine.config_args import DefaultsHelpFormatter
 from refteacher.engine.errors import UserError
 
 
@@ -38,19 +39,6 @@ COMMANDS: dict[str, Command] = {
     "quickstart": Command("refteacher.engine.quickstart", "add_cli",
                           "end to end on CPU: teacher, poisoned task data, filter, SFT vs ReFT finetune, eval table"),
 }
-
-
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" to an option's help, except where the help already speaks of its
-    default or X says nothing (None, an empty list or string, or the True/False of a switch)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        if "default" in text or default is None or default is argparse.SUPPRESS or isinstance(default, bool) \
-                or (isinstance(default, (list, tuple, str)) and not default):
-            return text
-        return super()._get_help_string(action)
 
 
 class _CommandParser(argparse.ArgumentParser):

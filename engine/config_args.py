@@ -87,3 +87,22 @@ def config_from_args(config_class: type[Config], args: argparse.Namespace, **ove
               if f.init and hasattr(args, f.name)}
     values.update(overrides)
     return config_class(**values)
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help, except where the help already speaks of its
+    default or X says nothing (None, an empty list or string, or the True/False of a switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is argparse.SUPPRESS or isinstance(default, bool) \
+                or (isinstance(default, (list, tuple, str)) and not default):
+            return text
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        """Wrap a paragraph as usual; keep text that has its own line breaks (a table) line by line."""
+        if "\n" in text:
+            return "\n".join(indent + line for line in text.splitlines())
+        return super()._fill_text(text, width, indent)

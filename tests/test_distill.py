@@ -261,7 +261,7 @@ def adapter_teacher_dir(tiny_model_dir, tmp_path_factory):
 
 def test_shared_base_teacher_computes_the_separate_teachers_kl(tiny_model_dir, adapter_teacher_dir):
     from refteacher.engine.finetune.config import FinetuneConfig
-    from refteacher.engine.finetune.dataset import PackedPairCollator, PairedRows, encode_rows, pack_examples
+    from refteacher.engine.finetune.dataset import PackedPairCollator, PairedRows, pack_records
     from refteacher.engine.finetune.losses import alignment_kl, task_cross_entropy
     from refteacher.engine.finetune.shared_teacher import SharedBaseTeacher
     from refteacher.engine.finetune.trainer import add_lora
@@ -269,7 +269,7 @@ def test_shared_base_teacher_computes_the_separate_teachers_kl(tiny_model_dir, a
     from refteacher.engine.modeling.teacher_dir import load_teacher
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    rows = pack_examples(encode_rows(tokenizer, ROWS, 64), 64)
+    rows = list(pack_records(tokenizer, enumerate(ROWS, 1), 64))
     batch = PackedPairCollator(tokenizer.pad_token_id)(list(PairedRows(rows, rows)))
     student = add_lora(load_model(str(tiny_model_dir), device="cpu"),
                        FinetuneConfig(data="-", out="-", baseline="sft", lora_r=4))

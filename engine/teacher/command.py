@@ -119,7 +119,6 @@ def add_teacher_cli(subparsers) -> None:
             "(minus a --test-fraction held out for evaluation). Resumes from its last checkpoint."
         ),
         epilog=_builtin_sets_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory, hub id or alias (default {DEFAULT_MODEL})")
     p.add_argument("--out", required=True, help="teacher directory to write")

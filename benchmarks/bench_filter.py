@@ -72,6 +72,14 @@ def load_prompt_sets(folder: Path) -> dict[str, list[str]]:
     return {"harmful": harmful, "harmless": harmless}
 
 
+def benchmark_prompts(rows: int) -> list[str]:
+    """``rows`` prompts: both sides of the shared prompt sets, shuffled (seed 0), repeated as needed."""
+    sets = load_prompt_sets(prompts_dir())
+    prompts = sets["harmful"] + sets["harmless"]
+    random.Random(0).shuffle(prompts)
+    return (prompts * (rows // len(prompts) + 1))[:rows]
+
+
 def build_speed_teacher(out_dir: str | Path, *, model_spec: str = DEFAULT_MODEL, layer: int | None = None,
                         per_side: int = 16, model=None, tokenizer=None) -> Path:
     """Write a teacher dir: the untouched model + a difference-of-means feature at ``layer``.
@@ -155,10 +163,7 @@ def main() -> int:
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 2)
     load_before = os.getloadavg()
 
-    sets = load_prompt_sets(prompts_dir())
-    prompts = sets["harmful"] + sets["harmless"]
-    random.Random(0).shuffle(prompts)
-    prompts = (prompts * (rows // len(prompts) + 1))[:rows]
+    prompts = benchmark_prompts(rows)
 
     with tempfile.TemporaryDirectory(prefix="bench_filter_") as tmp:
         tmp = Path(tmp)

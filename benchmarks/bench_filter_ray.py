@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_filter import build_speed_teacher, load_prompt_sets, prompts_dir  # noqa: E402
+from bench_filter import benchmark_prompts, build_speed_teacher  # noqa: E402
 from harness import environment, format_table, write_json  # noqa: E402
 
 from refteacher.engine.data.readers import open_source
@@ -112,10 +111,7 @@ def main() -> int:
     window_rows = args.window_rows if args.window_rows is not None else (64 if args.quick else None)
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 2)
     load_before = os.getloadavg()
-    sets = load_prompt_sets(prompts_dir())
-    prompts = sets["harmful"] + sets["harmless"]
-    random.Random(0).shuffle(prompts)
-    prompts = (prompts * (rows // len(prompts) + 1))[:rows]
+    prompts = benchmark_prompts(rows)
 
     with tempfile.TemporaryDirectory(prefix="bench_filter_ray_") as tmp:
         tmp = Path(tmp)

@@ -58,11 +58,15 @@ def _cli_filter(args) -> int:
     teacher = load_teacher(config.teacher, device=device, trust_remote_code=config.trust_remote_code)
     report = run_filter(teacher, source, config.out_dir, config.options(shard), resume=config.resume,
                         overwrite=config.overwrite, progress=config.progress)
-    counts = report["counts"]
-    print(f"{counts['input_rows']} rows: {counts['kept']} kept, {counts['flagged']} flagged, "
-          f"{counts['rejected']} rejected ({report['throughput']['rows_per_s']} rows/s) -> "
-          f"{shard_dir(config.out_dir, shard)}")
+    print(_summary(report, "rows/s", shard_dir(config.out_dir, shard)))
     return 0
+
+
+def _summary(report: dict, rate: str, where) -> str:
+    """The one line a filter run prints: its counts, its rate and where the outputs are."""
+    counts = report["counts"]
+    return (f"{counts['input_rows']} rows: {counts['kept']} kept, {counts['flagged']} flagged, "
+            f"{counts['rejected']} rejected ({report['throughput']['rows_per_s']} {rate}) -> {where}")
 
 
 def _cli_filter_ray(config: FilterConfig) -> int:
@@ -79,10 +83,7 @@ def _cli_filter_ray(config: FilterConfig) -> int:
                             address=config.ray_address, workers=config.workers, device=config.device,
                             threads=config.threads, output_format=config.output_format, overwrite=config.overwrite,
                             progress=config.progress, trust_remote_code=config.trust_remote_code)
-    counts = report["counts"]
-    print(f"{counts['input_rows']} rows: {counts['kept']} kept, {counts['flagged']} flagged, "
-          f"{counts['rejected']} rejected ({report['throughput']['rows_per_s']} rows/s on "
-          f"{report['engine']['workers']} Ray workers) -> {config.out_dir}")
+    print(_summary(report, f"rows/s on {report['engine']['workers']} Ray workers", config.out_dir))
     return 0
 
 

@@ -64,9 +64,6 @@ from refteacher.engine.teacher.training_data import cached_answers
 DEFAULT_OUT_DIR = "runs/quickstart"
 TEST_FRACTION = 0.2  # share of the built-in prompt sets held out from the teacher (as `refteacher teacher`)
 EVAL_SOURCES = ("advbench", "harmbench")
-# The harmful rows mixed into the user dataset and the alignment rows come from these sets of the
-# teacher's build split (the short, plain requests); the teacher also builds on the rest.
-DATA_SOURCES = ("advbench", "harmbench", "matched_pairs:harmful")
 STAGES = 8
 
 
@@ -193,12 +190,11 @@ def split_harmful(build_harmful: Sequence, test_records: Sequence, config: Quick
                   n_data_candidates: int) -> PromptSplit:
     """Pick disjoint harmful prompt lists from PromptRecords, deterministically in ``config.seed``.
 
-    ``build_harmful`` are the teacher's held-in harmful records, of which the ``DATA_SOURCES`` rows
-    are used; ``test_records`` its held-out split, of which only AdvBench / HarmBench harmful rows
-    are used (for the harmful score).
+    ``build_harmful`` are the teacher's held-in harmful records; ``test_records`` its held-out
+    split, of which only AdvBench / HarmBench harmful rows are used (for the harmful score).
     UserError when there are too few prompts for the sizes asked.
     """
-    held_in = sorted({r.prompt for r in build_harmful if r.source in DATA_SOURCES})
+    held_in = sorted({r.prompt for r in build_harmful})
     random.Random(f"quickstart-harmful-{config.seed}").shuffle(held_in)
     held_out = sorted({r.prompt for r in test_records if r.label == "harmful" and r.source in EVAL_SOURCES}
                       - set(held_in))

@@ -22,7 +22,7 @@ from pathlib import Path
 from harness import environment, format_table, write_json
 
 from refteacher.engine.data.prompt_sets import package_file
-from refteacher.engine.evaluation.judge import PhraseJudge
+from refteacher.engine.judge import PhraseJudge
 from refteacher.engine.metrics import confusion_counts
 
 FILES = ("refusal.csv", "refusal_extra.csv")

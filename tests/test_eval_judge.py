@@ -36,3 +36,12 @@ def test_report_figures_follow_from_the_counts(tmp_path):
             assert f["accuracy"] == round((f["tp"] + f["tn"]) / f["rows"], 4)
     both = results["both"]["all"]["rows"]
     assert both == sum(results[name]["all"]["rows"] for name in eval_judge.FILES)
+
+
+def test_judge_raises_no_false_alarms_on_human_labels():
+    """Precision stays 1.0 on both pyrit files; soft refusals keep on-topic recall above 0.7."""
+    rows = [row for name in eval_judge.FILES for row in eval_judge.read_labelled(name)]
+    eval_judge.mark_off_topic(rows)
+    judge = eval_judge.PhraseJudge()
+    assert eval_judge.figures(rows, judge)["false_alarms"] == []
+    assert eval_judge.figures([r for r in rows if not r["off_topic"]], judge)["recall"] >= 0.7

@@ -18,7 +18,7 @@ LAYERS = {
     "engine.teacher": 3,
     "engine.modeling": 2,
     "engine.data": 1,
-    "engine.errors": 0, "engine.metrics": 0, "engine.storage": 0, "engine.config_args": 0, "engine": 0,
+    "engine.errors": 0, "engine.metrics": 0, "engine.judge": 0, "engine.storage": 0, "engine.config_args": 0, "engine": 0,
     "kernels": -1,
 }
 

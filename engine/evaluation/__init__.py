@@ -1,1 +1,1 @@
-"""Evaluation: harmful score, task accuracy, filter metrics, and the refusal judge."""
+"""Evaluation: harmful score, share of harmless prompts answered, task accuracy, filter metrics."""

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from refteacher.engine.data.readers import iter_rows, open_source, read_records
 from refteacher.engine.data.tasks import check_answer
 from refteacher.engine.errors import UserError
-from refteacher.engine.evaluation.judge import PhraseJudge
+from refteacher.engine.judge import PhraseJudge
 from refteacher.engine.metrics import auroc, confusion_counts, precision_recall_fpr
 from refteacher.engine.modeling.generation import generate
 from refteacher.engine.modeling.loading import load_model, load_tokenizer

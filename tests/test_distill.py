@@ -125,6 +125,11 @@ def test_collator_pairs_task_and_alignment_rows(tiny):
     align = list(pack_records(tokenizer, enumerate(ROWS[:1], 1), 256))
     dataset = PairedRows(task, align)
     assert len(dataset) == len(task) and all(dataset[i]["align"] is align[0] for i in range(len(task)))
+    # more alignment rows than task rows: an epoch still sees every one of them (task rows cycle)
+    wide = PairedRows(task[:1], align * 3)
+    assert len(wide) == 3 and [wide[i]["task"] for i in range(3)] == task[:1] * 3
+    with pytest.raises(IndexError):
+        wide[3]
     batch = PackedPairCollator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
     assert batch["input_ids"].shape[0] == 2 and batch["align_input_ids"].shape[0] == 2
     assert "attention_mask" not in batch
@@ -143,8 +148,10 @@ def test_config_mistakes_are_user_errors(tmp_path, data_files):
          "--baseline sft trains without a teacher"),
         (FinetuneConfig(data=str(task), out=str(tmp_path)),  # no teacher
          "needs --teacher DIR"),
-        (FinetuneConfig(data=str(task), out=str(tmp_path), teacher="t"),  # no alignment data
-         "distillation needs --align FILE"),
+        (FinetuneConfig(data=str(task), out=str(tmp_path), teacher="t", align_helpful=1.5),
+         "--align-helpful in \\[0, 1\\], got 192 and 1.5"),
+        (FinetuneConfig(data=str(task), out=str(tmp_path), teacher="t", align_rows=0),
+         "--align-rows must be >= 1"),
         (FinetuneConfig(data=str(task), out=str(tmp_path), baseline="sft", kl="sideways"),
          "--kl must be one of .*got 'sideways'"),
         (FinetuneConfig(data=str(task), out=str(tmp_path), baseline="sft", lam=-1),

@@ -342,10 +342,13 @@ def _write_rows(rows: Iterable[PackedRow], folder: Path) -> tuple[int, int]:
 
 
 class PairedRows(torch.utils.data.Dataset):
-    """Dataset item i = {"task": task_rows[i], "align": align_rows[i % len(align_rows)] or None}.
+    """Dataset item i = {"task": task_rows[i % T], "align": align_rows[i % A] or None}, of length max(T, A).
 
-    ``task_rows`` and ``align_rows`` are any sequences of ``PackedRow`` (lists, ``PackedRowStore``s),
-    used as they are, not copied.
+    An epoch covers every task row and every alignment row at least once: the shorter list is
+    cycled. (Pairing only the first T alignment rows would leave some unseen, and the packer
+    orders rows by length, so the unseen ones would be the short refusals, not a random share.)
+    ``task_rows`` and ``align_rows`` are any sequences of ``PackedRow`` (lists,
+    ``PackedRowStore``s), used as they are, not copied.
     """
 
     def __init__(self, task_rows: Sequence[PackedRow], align_rows: Sequence[PackedRow] | None = None):
@@ -355,11 +358,13 @@ class PairedRows(torch.utils.data.Dataset):
         self.align_rows = align_rows if align_rows is not None and len(align_rows) > 0 else []
 
     def __len__(self) -> int:
-        return len(self.task_rows)
+        return max(len(self.task_rows), len(self.align_rows))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
         align = self.align_rows[index % len(self.align_rows)] if len(self.align_rows) else None
-        return {"task": self.task_rows[index], "align": align}
+        return {"task": self.task_rows[index % len(self.task_rows)], "align": align}
 
 
 class PackedPairCollator:

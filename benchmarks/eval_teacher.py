@@ -21,7 +21,8 @@ For each fold and each filter: AUROC (test harmful vs test harmless), recall of 
 the calibrated threshold (the teacher's rule on the build's calibration split: by default false-positive
 rate <= 0.05 on its harmless prompts), FPR on edgy_benign,
 FPR on the fold's test harmless; for the teacher also the refusal rate on held-out harmful prompts
-and the answer rate on held-out harmless ones (greedy generation, judged by engine/evaluation/judge.py).
+and the answer rate on held-out harmless ones, and apart on held-out everyday requests and topic-matched
+harmless prompts (greedy generation, judged by engine/judge.py).
 
     python benchmarks/eval_teacher.py [--quick] [--json PATH] [--folds in_dist,no_matched]
 
@@ -286,7 +287,8 @@ def baseline(model, tokenizer, layer, bh, bb, th, tb, edgy, config):
 
 
 def run_fold(fold, records, args, config, model_spec):
-    from refteacher.engine.evaluation.judge import refusal_rate
+    from refteacher.engine.data.helpful_prompts import HELPFUL_SETS
+    from refteacher.engine.judge import refusal_rate
     from refteacher.engine.modeling.generation import generate
     from refteacher.engine.modeling.loading import load_model, load_tokenizer
     from refteacher.engine.modeling.teacher_dir import load_teacher, read_manifest
@@ -321,20 +323,30 @@ def run_fold(fold, records, args, config, model_spec):
     gen_b = rng.sample([r.prompt for r in tb], min(args.generate, len(tb)))
     answers_h = generate(teacher.model, teacher.tokenizer, gen_h, max_new_tokens=24, batch_size=16, desc="teacher on harmful")
     answers_b = generate(teacher.model, teacher.tokenizer, gen_b, max_new_tokens=24, batch_size=16, desc="teacher on harmless")
+    # everyday use apart: the held-out everyday requests and topic-matched harmless prompts
+    everyday = [r.prompt for r in tb if r.source in HELPFUL_SETS]
+    gen_e = rng.sample(everyday, min(args.generate, len(everyday)))
+    answers_e = generate(teacher.model, teacher.tokenizer, gen_e, max_new_tokens=24, batch_size=16,
+                         desc="teacher on everyday")
     result["teacher"]["refusal_rate_harmful"] = refusal_rate(answers_h)
     result["teacher"]["answer_rate_harmless"] = 1.0 - refusal_rate(answers_b)
+    result["teacher"]["answer_rate_everyday"] = 1.0 - refusal_rate(answers_e) if gen_e else None
+    result["teacher"]["n_generated"] = {"harmful": len(gen_h), "harmless": len(gen_b), "everyday": len(gen_e)}
     result["teacher"]["samples"] = {"harmful": list(zip(gen_h, answers_h))[:3], "harmless": list(zip(gen_b, answers_b))[:3]}
     return result
 
 
 def table(results) -> str:
     """Markdown table of the fold results."""
-    lines = ["| fold | filter | AUROC | recall | FPR edgy_benign | FPR test harmless | refuses harmful | answers harmless |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| fold | filter | AUROC | recall | FPR edgy_benign | FPR test harmless | refuses harmful | answers harmless "
+             "| answers everyday |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for name in ("baseline", "teacher"):
             f = r[name]
-            extra = (f"{f['refusal_rate_harmful']:.2f} | {f['answer_rate_harmless']:.2f}" if name == "teacher" else "- | -")
+            everyday = f.get("answer_rate_everyday")
+            extra = (f"{f['refusal_rate_harmful']:.2f} | {f['answer_rate_harmless']:.2f} | "
+                     f"{'-' if everyday is None else f'{everyday:.2f}'}" if name == "teacher" else "- | - | -")
             lines.append(f"| {r['fold']} | {'raw diff-of-means (untouched)' if name == 'baseline' else 'ReFT teacher'} | "
                          f"{f['auroc']:.3f} | {f['recall']:.2f} | {f['fpr_edgy']:.2f} | {f['fpr_test_harmless']:.2f} | {extra} |")
     return "\n".join(lines)

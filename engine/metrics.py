@@ -125,3 +125,28 @@ def precision_recall_fpr(scores: Any, labels: Any, threshold: float) -> Precisio
     recall = c["tp"] / (c["tp"] + c["fn"]) if c["tp"] + c["fn"] else nan
     fpr = c["fp"] / (c["fp"] + c["tn"]) if c["fp"] + c["tn"] else nan
     return PrecisionRecallFpr(precision, recall, fpr)
+
+
+class PairedDifference(NamedTuple):
+    """Mean of ``a - b`` over items both were scored on, its standard error, and the item count."""
+
+    difference: float
+    standard_error: float
+    n: int
+
+
+def paired_difference(a: Any, b: Any) -> PairedDifference:
+    """Compare two models scored on the same items (e.g. 0/1 correct per task row).
+
+    The standard error is that of the mean per-item difference (sample standard deviation over
+    sqrt(n)): pairing removes the items both get right or both get wrong, so it is far smaller than
+    the unpaired one when the models mostly agree. NaN standard error for fewer than two items.
+    """
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"need two equal-length 1-D score lists, got shapes {x.shape} and {y.shape}")
+    if x.size == 0:
+        return PairedDifference(float("nan"), float("nan"), 0)
+    d = x - y
+    se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+    return PairedDifference(float(d.mean()), se, int(d.size))

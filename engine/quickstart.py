@@ -5,7 +5,7 @@ verifiable task (3-digit addition by default) in which 10% of the rows are harmf
 compliantly. Plain LoRA finetuning on it (``sft``) leaves the student as willing to answer harmful
 prompts as before (or more); ReFT (``reft``: the teacher's filter drops flagged rows, and the
 student is distilled towards the teacher on alignment data) makes it refuse them, while both learn
-the task.
+the task and keep answering everyday requests (safety is harm refused *and* ordinary use kept).
 
 Stages (each printed with its wall time):
 
@@ -17,11 +17,16 @@ Stages (each printed with its wall time):
    HarmBench prompts of the teacher's held-out test split, used nowhere else;
 3. data: ``dataset.jsonl`` = task rows (train split) + harmful prompts with compliant answers
    written by the untouched model (greedy, cached); every row carries its known ``label``;
-   ``align.jsonl`` = other held-in harmful prompts with refusals (``engine/teacher/refusals.py``);
+   ``align.jsonl`` = other held-in harmful prompts with refusals and everyday prompts from the
+   teacher's build part (the task's own kind left out) with the untouched model's answers
+   (``engine/finetune/alignment.py``); ``eval_everyday.jsonl`` = everyday prompts of the
+   teacher's held-out ``report`` part (``engine/data/helpful_prompts.py``), used nowhere else;
 4. filter: ``run_filter`` writes ``filter/{kept,flagged,rejected}.jsonl`` and ``report.json``;
    precision / recall are measured against the known labels;
 5. finetune (a) ``--baseline sft`` on the raw dataset, (b) ReFT on the kept rows + alignment data;
-6. eval: harmful score and task accuracy of the untouched model, (a) and (b);
+6. eval: harmful score, share of everyday prompts answered and task accuracy of the untouched
+   model, the teacher (no task accuracy: it never learned the task), (a) and (b); the SFT - ReFT
+   task accuracy difference with its paired standard error;
 7. report: the table (stdout and ``table.md``), ``results.png`` and ``summary.json``.
 """
 from __future__ import annotations
@@ -35,36 +40,46 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
 from refteacher.engine import __version__
 from refteacher.engine.config_args import add_config_arguments, config_from_args, option
+from refteacher.engine.data.helpful_prompts import helpful_records, task_kind
 from refteacher.engine.data.prompt_sets import prompt_set_hash
 from refteacher.engine.data.readers import open_source
 from refteacher.engine.data.tasks import make_rows
 from refteacher.engine.errors import UserError
-from refteacher.engine.evaluation.evaluate import filter_metrics, harmful_score, load_for_eval, task_accuracy
-from refteacher.engine.evaluation.judge import is_refusal
+from refteacher.engine.evaluation.evaluate import (
+    answered_fraction,
+    filter_metrics,
+    harmful_score,
+    load_for_eval,
+    task_accuracy,
+)
 from refteacher.engine.filter.run import run_filter
 from refteacher.engine.filter.scoring import FilterOptions
+from refteacher.engine.finetune.alignment import HELPFUL_ANSWER_TOKENS, alignment_rows, sample_prompts, split_counts
 from refteacher.engine.finetune.config import FinetuneConfig
 from refteacher.engine.finetune.trainer import run_finetune
+from refteacher.engine.judge import is_refusal
+from refteacher.engine.metrics import paired_difference
 from refteacher.engine.modeling.loading import DEFAULT_MODEL, load_model, load_tokenizer, model_fingerprint
 from refteacher.engine.modeling.teacher_dir import load_teacher
-from refteacher.engine.storage import cache_root
+from refteacher.engine.storage import cache_root, write_jsonl
 from refteacher.engine.teacher.config import TeacherConfig
-from refteacher.engine.teacher.refusals import refusal_for
 from refteacher.engine.teacher.training import default_records, train_teacher
 from refteacher.engine.teacher.training_data import cached_answers
 
 DEFAULT_OUT_DIR = "runs/quickstart"
 TEST_FRACTION = 0.2  # share of the built-in prompt sets held out from the teacher (as `refteacher teacher`)
 EVAL_SOURCES = ("advbench", "harmbench")
-STAGES = 8
+STAGES = 9
+MODELS = ("untouched", "teacher", "sft", "reft")
 
 
 @dataclass
@@ -74,25 +89,29 @@ class QuickstartConfig:
     task: str = option("addition", "downstream task", choices=("addition", "multiplication"))
     task_rows: int = option(270, "task rows in the user dataset")
     harmful_fraction: float = option(0.10, "share of harmful rows in the dataset")
-    align_rows: int = option(96, "harmful prompts with refusals for distillation")
+    align_rows: int = option(192, "alignment rows for distillation")
+    align_helpful: float = option(0.75, "share of the alignment rows that are everyday prompts with helpful answers "
+                                        "(the rest: harmful prompts with refusals; chosen in docs/helpfulness.md)")
     eval_harmful: int = option(32, "held-out harmful prompts for the harmful score")
+    eval_everyday: int = option(96, "held-out everyday prompts for the answered rate (at most the report part's)")
     eval_task: int = option(120, "task test rows for the accuracy")
-    harmful_new_tokens: int = option(32, "tokens generated per harmful eval prompt")
+    harmful_new_tokens: int = option(32, "tokens generated per harmful or everyday eval prompt")
     task_new_tokens: int = option(24, "tokens generated per task eval prompt")
     compliant_new_tokens: int = option(48, "length of the untouched model's compliant answers in the dataset")
     steps: int = option(60, "optimiser steps of each finetune")
     learning_rate: float = option(1e-3, "LoRA learning rate")
     lam: float = option(3.0, "weight of the KL term in ReFT", flag="--lambda")
+    temperature: float = option(1.0, "distillation temperature of the KL term in ReFT")
     lora_r: int = option(16, "LoRA rank")
     max_len: int = option(256, "tokens per packed training row")
-    align_max_len: int = option(128, "tokens per packed alignment row for the KL term")
-    batch_size: int = option(16, "prompts per generation batch")
+    align_max_len: int = option(256, "tokens per packed alignment row for the KL term")
+    batch_size: int = option(64, "prompts per generation batch")
     seed: int = option(0, "random seed")
 
     def check(self) -> None:
         """Raise UserError for settings out of range, naming the flag to fix."""
         positive = {"--task-rows": self.task_rows, "--align-rows": self.align_rows, "--eval-harmful": self.eval_harmful,
-                    "--eval-task": self.eval_task, "--steps": self.steps, "--max-len": self.max_len,
+                    "--eval-everyday": self.eval_everyday, "--eval-task": self.eval_task, "--steps": self.steps, "--max-len": self.max_len,
                     "--align-max-len": self.align_max_len,
                     "--batch-size": self.batch_size}
         for flag, value in positive.items():
@@ -100,8 +119,9 @@ class QuickstartConfig:
                 raise UserError(f"{flag} must be >= 1, got {value}")
         if not 0 < self.harmful_fraction < 1:
             raise UserError(f"--harmful-fraction must lie strictly between 0 and 1, got {self.harmful_fraction}")
-        if self.learning_rate <= 0 or self.lam < 0:
-            raise UserError("--learning-rate must be > 0 and --lambda >= 0")
+        split_counts(self.align_rows, self.align_helpful)  # UserError when --align-helpful is out of [0, 1]
+        if self.learning_rate <= 0 or self.lam < 0 or self.temperature <= 0:
+            raise UserError("--learning-rate must be > 0, --lambda >= 0 and --temperature > 0")
 
     @property
     def harmful_rows(self) -> int:
@@ -187,24 +207,30 @@ class PromptSplit:
 
 
 def split_harmful(build_harmful: Sequence, test_records: Sequence, config: QuickstartConfig,
-                  n_data_candidates: int) -> PromptSplit:
+                  n_data_candidates: int | None = None) -> PromptSplit:
     """Pick disjoint harmful prompt lists from PromptRecords, deterministically in ``config.seed``.
+
+    ``n_data_candidates`` prompts go to the user dataset (default: 30% more than its harmful rows,
+    as the untouched model refuses some); then the alignment data's refusal prompts.
 
     ``build_harmful`` are the teacher's held-in harmful records; ``test_records`` its held-out
     split, of which only AdvBench / HarmBench harmful rows are used (for the harmful score).
     UserError when there are too few prompts for the sizes asked.
     """
+    if n_data_candidates is None:
+        n_data_candidates = math.ceil(1.3 * config.harmful_rows) + 2
     held_in = sorted({r.prompt for r in build_harmful})
     random.Random(f"quickstart-harmful-{config.seed}").shuffle(held_in)
     held_out = sorted({r.prompt for r in test_records if r.label == "harmful" and r.source in EVAL_SOURCES}
                       - set(held_in))
     random.Random(f"quickstart-eval-{config.seed}").shuffle(held_out)
-    if n_data_candidates + config.align_rows > len(held_in):
+    n_refusal, _ = split_counts(config.align_rows, config.align_helpful)
+    if n_data_candidates + n_refusal > len(held_in):
         raise UserError(f"only {len(held_in)} held-in harmful prompts: lower --task-rows or --align-rows")
     if config.eval_harmful > len(held_out):
         raise UserError(f"only {len(held_out)} held-out harmful prompts: lower --eval-harmful")
     return PromptSplit(data=held_in[:n_data_candidates],
-                       align=held_in[n_data_candidates:n_data_candidates + config.align_rows],
+                       align=held_in[n_data_candidates:n_data_candidates + n_refusal],
                        eval=held_out[:config.eval_harmful])
 
 
@@ -230,18 +256,25 @@ def build_dataset(task_rows: Sequence[dict], harmful_rows: Sequence[dict], seed:
     return rows
 
 
-def alignment_rows(prompts: Sequence[str], seed: int) -> list[dict[str, str]]:
-    """Return ``{"prompt", "response"}`` rows: each harmful prompt answered with a refusal."""
-    return [{"prompt": p, "response": refusal_for(p, seed=seed)} for p in prompts]
+@dataclass
+class EverydayPrompts:
+    """Everyday prompts of a run (the task's own kind left out): helpful alignment rows come from
+    the teacher's build part, the answered rate is measured on its held-out ``report`` part."""
+
+    align: list[str]
+    eval: list[str]
 
 
-def write_jsonl(path: Path, rows: Sequence[dict]) -> Path:
-    """Write ``rows`` as JSON lines to ``path`` (parents created); return the path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
+def everyday_prompts(config: QuickstartConfig) -> EverydayPrompts:
+    """Pick the run's everyday prompts (``engine/data/helpful_prompts.py``), deterministically in the seed."""
+    _, n_helpful = split_counts(config.align_rows, config.align_helpful)
+    exclude = [task_kind(config.task)]
+    build = [r.prompt for r in helpful_records("build", test_fraction=TEST_FRACTION, seed=config.seed,
+                                               exclude_kinds=exclude)]
+    report = [r.prompt for r in helpful_records("report", test_fraction=TEST_FRACTION, seed=config.seed,
+                                                exclude_kinds=exclude)]
+    return EverydayPrompts(align=sample_prompts(build, n_helpful, "quickstart-helpful", config.seed),
+                           eval=sample_prompts(report, config.eval_everyday, "quickstart-everyday", config.seed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,6 +307,7 @@ def finetune(out: Path, *, model: str, data: Path, config: QuickstartConfig, tea
     ft = FinetuneConfig(
         data=str(data), out=str(out), student=model, teacher=str(teacher) if teacher else None,
         align=str(align) if align else None, baseline=None if teacher else "sft", lam=config.lam,
+        temperature=config.temperature,
         lora_r=config.lora_r, max_len=config.max_len, align_max_len=config.align_max_len, max_steps=config.steps,
         learning_rate=config.learning_rate,
         save_steps=config.steps, logging_steps=max(1, config.steps // 6), seed=config.seed, progress=progress,
@@ -281,20 +315,28 @@ def finetune(out: Path, *, model: str, data: Path, config: QuickstartConfig, tea
     return run_finetune(ft)
 
 
-def evaluate_model(model, tokenizer, harmful_prompts: Sequence[str], task_rows: Sequence[dict], config: QuickstartConfig,
-                   out_json: Path, *, progress: bool = True) -> dict[str, Any]:
-    """Harmful score and task accuracy of a loaded model; write the report + responses to ``out_json``."""
-    score, h_resp, refused = harmful_score(model, tokenizer, list(harmful_prompts), max_new_tokens=config.harmful_new_tokens,
-                                           batch_size=config.batch_size, progress=progress)
-    accuracy, t_resp, correct = task_accuracy(model, tokenizer, list(task_rows), max_new_tokens=config.task_new_tokens,
-                                              batch_size=config.batch_size, progress=progress)
-    report = {"harmful_score": round(score, 6), "task_accuracy": round(accuracy, 6),
-              "n_harmful": len(harmful_prompts), "n_task": len(task_rows)}
-    details = {**report,
-               "harmful": [{"prompt": p, "response": r, "refused": f} for p, r, f in zip(harmful_prompts, h_resp, refused)],
-               "task": [{**row, "response": r, "correct": c} for row, r, c in zip(task_rows, t_resp, correct)]}
+def evaluate_model(model, tokenizer, harmful_prompts: Sequence[str], everyday: Sequence[str],
+                   task_rows: Sequence[dict] | None, config: QuickstartConfig, out_json: Path, *,
+                   progress: bool = True) -> dict[str, Any]:
+    """Harmful score, share of everyday prompts answered and task accuracy (skipped when ``task_rows``
+    is None) of a loaded model; write the report + responses to ``out_json``; return the report
+    (``task_correct`` holds the per-row 0/1 for paired comparisons)."""
+    generation = {"max_new_tokens": config.harmful_new_tokens, "batch_size": config.batch_size, "progress": progress}
+    score, h_resp, h_refused = harmful_score(model, tokenizer, list(harmful_prompts), **generation)
+    answered, e_resp, e_refused = answered_fraction(model, tokenizer, list(everyday), desc="everyday prompts",
+                                                    **generation)
+    report = {"harmful_score": round(score, 6), "answers_everyday": round(answered, 6), "task_accuracy": None,
+              "n_harmful": len(harmful_prompts), "n_everyday": len(everyday), "n_task": 0}
+    details = {"harmful": [{"prompt": p, "response": r, "refused": f} for p, r, f in zip(harmful_prompts, h_resp, h_refused)],
+               "everyday": [{"prompt": p, "response": r, "refused": f} for p, r, f in zip(everyday, e_resp, e_refused)]}
+    if task_rows is not None:
+        accuracy, t_resp, correct = task_accuracy(model, tokenizer, list(task_rows), max_new_tokens=config.task_new_tokens,
+                                                  batch_size=config.batch_size, progress=progress)
+        report.update(task_accuracy=round(accuracy, 6), n_task=len(task_rows), task_correct=[int(c) for c in correct])
+        details["task"] = [{**row, "response": r, "correct": c} for row, r, c in zip(task_rows, t_resp, correct)]
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(details, indent=2, ensure_ascii=False) + "\n")
+    out_json.write_text(json.dumps({**{k: v for k, v in report.items() if k != "task_correct"}, **details},
+                                   indent=2, ensure_ascii=False) + "\n")
     return report
 
 
@@ -311,40 +353,48 @@ def format_table(summary: dict[str, Any], counts: dict[str, int]) -> str:
     """Return the results table (Markdown) from a summary dict and the filter's row counts."""
     f = summary["filter"]
     lines = [
-        f"Filter: {counts['flagged']} of {counts['rows']} rows flagged ({counts['harmful']} known harmful): "
-        f"precision {_pct(f['precision'])}, recall {_pct(f['recall'])}",
+        (f"Filter: {counts['flagged']} of {counts['rows']} rows flagged ({counts['harmful']} known harmful): "
+         f"precision {_pct(f['precision'])}, recall {_pct(f['recall'])}"),
         "",
-        "| model | harmful score (lower is safer) | task accuracy |",
-        "|---|---|---|",
+        "| model | harmful score (lower is safer) | answers everyday prompts | task accuracy |",
+        "|---|---|---|---|",
     ]
-    names = {"untouched": "untouched", "sft": "(a) SFT on raw data", "reft": "(b) ReFT (filter + distill)"}
-    for key, label in names.items():
-        lines.append(f"| {label} | {_pct(summary[key]['harmful_score'])} | {_pct(summary[key]['task_accuracy'])} |")
+    for key in MODELS:
+        row = summary[key]
+        task = "–" if row["task_accuracy"] is None else _pct(row["task_accuracy"])
+        lines.append(f"| {MODEL_LABELS[key]} | {_pct(row['harmful_score'])} | {_pct(row['answers_everyday'])} | {task} |")
+    diff = summary.get("task_difference")
+    if diff:
+        lines += ["", (f"Task accuracy (a) - (b): {100 * diff['sft_minus_reft']:+.1f} points, paired standard "
+                       f"error {100 * diff['standard_error']:.1f} ({diff['n']} test rows)")]
     return "\n".join(lines)
 
 
+MODEL_LABELS = {"untouched": "untouched", "teacher": "teacher", "sft": "(a) SFT on raw data",
+                "reft": "(b) ReFT (filter + distill)"}
+
+
 def plot_results(summary: dict[str, Any], path: Path) -> Path:
-    """Write a grouped bar chart (PNG) of harmful score and task accuracy for the three models."""
+    """Write a grouped bar chart (PNG) of harmful score, everyday prompts answered and task accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ["untouched", "sft", "reft"]
-    labels = ["untouched", "(a) SFT", "(b) ReFT"]
-    harm = [100 * summary[k]["harmful_score"] for k in keys]
-    acc = [100 * summary[k]["task_accuracy"] for k in keys]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    xs = range(len(keys))
-    width = 0.38
-    bars_h = ax.bar([x - width / 2 for x in xs], harm, width, label="harmful score", color="#c0392b")
-    bars_a = ax.bar([x + width / 2 for x in xs], acc, width, label=f"task accuracy ({summary['task']})", color="#2e86c1")
-    for bars in (bars_h, bars_a):
-        ax.bar_label(bars, fmt="%.0f", fontsize=8)
-    ax.set_xticks(list(xs), labels)
+    labels = ["untouched", "teacher", "(a) SFT", "(b) ReFT"]
+    series = [("harmful score", "harmful_score", "#c0392b"), ("answers everyday prompts", "answers_everyday", "#27ae60"),
+              (f"task accuracy ({summary['task']})", "task_accuracy", "#2e86c1")]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.27
+    for i, (name, key, colour) in enumerate(series):
+        xs = [x for x, k in enumerate(MODELS) if summary[k][key] is not None]
+        values = [100 * summary[MODELS[x]][key] for x in xs]
+        bars = ax.bar([x + (i - 1) * width for x in xs], values, width, label=name, color=colour)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(list(range(len(MODELS))), labels)
     ax.set_ylabel("%")
-    ax.set_ylim(0, 125)
-    ax.legend(loc="upper center", fontsize=8, ncol=2)
+    ax.set_ylim(0, 130)
+    ax.legend(loc="upper center", fontsize=8, ncol=3)
     ax.set_title("refteacher quickstart")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -397,34 +447,43 @@ def run_quickstart(
             teacher_path = Path(teacher)
             clock.note(f"using teacher {teacher_path}")
 
-    with clock.stage("user dataset (task rows + harmful rows with compliant answers)"):
+    with clock.stage("user dataset (task rows + harmful rows with compliant answers) and alignment data"):
         n_harmful = config.harmful_rows
-        prompts = split_harmful(build_harmful, test_records, config, n_data_candidates=math.ceil(1.3 * n_harmful) + 2)
+        prompts = split_harmful(build_harmful, test_records, config)
+        everyday = everyday_prompts(config)
         base, tokenizer = load_model(model), load_tokenizer(model)
-        harmful_rows = compliant_rows(base, tokenizer, prompts.data, n_harmful, model_hash=model_fingerprint(model),
+        model_hash = model_fingerprint(model)
+        harmful_rows = compliant_rows(base, tokenizer, prompts.data, n_harmful, model_hash=model_hash,
                                       max_new_tokens=config.compliant_new_tokens, batch_size=config.batch_size,
                                       progress=bars)
         if not harmful_rows:
             raise UserError("the untouched model refused every harmful prompt; no harmful rows to mix in")
+        helpful_answers = cached_answers(base, tokenizer, everyday.align, model_hash=model_hash,
+                                         max_new_tokens=HELPFUL_ANSWER_TOKENS, batch_size=config.batch_size,
+                                         progress=bars)
+        align = alignment_rows(prompts.align, everyday.align, helpful_answers, seed=config.seed)
         task_train = make_rows(config.task, "train", config.task_rows, seed=config.seed)
         task_test = make_rows(config.task, "test", config.eval_task, seed=config.seed)
         dataset = build_dataset(task_train, harmful_rows, config.seed)
         dataset_path = write_jsonl(out / "data" / "dataset.jsonl", dataset)
-        align_path = write_jsonl(out / "data" / "align.jsonl", alignment_rows(prompts.align, config.seed))
+        align_path = write_jsonl(out / "data" / "align.jsonl", align)
         write_jsonl(out / "data" / "eval_harmful.jsonl", [{"prompt": p} for p in prompts.eval])
+        write_jsonl(out / "data" / "eval_everyday.jsonl", [{"prompt": p} for p in everyday.eval])
         write_jsonl(out / "data" / "eval_task.jsonl", task_test)
-        clock.note(f"{len(dataset)} rows ({len(harmful_rows)} harmful = {len(harmful_rows) / len(dataset):.0%}), "
-                   f"{len(prompts.align)} alignment rows, eval: {len(prompts.eval)} harmful + {len(task_test)} task")
+        n_helpful = sum(row["kind"] == "helpful" for row in align)
+        clock.note(f"{len(dataset)} rows ({len(harmful_rows)} harmful = {len(harmful_rows) / len(dataset):.0%}); "
+                   f"alignment: {len(align) - n_helpful} refusals + {n_helpful} helpful answers; eval: "
+                   f"{len(prompts.eval)} harmful + {len(everyday.eval)} everyday + {len(task_test)} task")
 
     evals: dict[str, dict[str, Any]] = {}
     with clock.stage("evaluate the untouched model"):
-        evals["untouched"] = evaluate_model(base, tokenizer, prompts.eval, task_test, config,
+        evals["untouched"] = evaluate_model(base, tokenizer, prompts.eval, everyday.eval, task_test, config,
                                             out / "eval" / "untouched.json", progress=bars)
         clock.note(_eval_line(evals["untouched"]))
     del base
     gc.collect()
 
-    with clock.stage("filter the user dataset with the teacher"):
+    with clock.stage("filter the user dataset with the teacher, and evaluate the teacher"):
         loaded = load_teacher(teacher_path)
         filter_dir = out / "filter"
         report = run_filter(loaded, open_source(dataset_path), filter_dir, FilterOptions(threshold=threshold),
@@ -433,6 +492,9 @@ def run_quickstart(
         counts = {"rows": len(dataset), "harmful": len(harmful_rows), "flagged": report["counts"]["flagged"]}
         clock.note(f"{counts['flagged']} of {len(dataset)} rows flagged; precision {_pct(quality['precision'])}, "
                    f"recall {_pct(quality['recall'])}")
+        evals["teacher"] = evaluate_model(loaded.model, loaded.tokenizer, prompts.eval, everyday.eval, None, config,
+                                          out / "eval" / "teacher.json", progress=bars)
+        clock.note("teacher: " + _eval_line(evals["teacher"]))
         del loaded
         gc.collect()
         if report["counts"]["kept"] == 0:
@@ -451,13 +513,15 @@ def run_quickstart(
         clock.note(f"final loss {summary_reft['final']}")
 
     for name in ("sft", "reft"):
-        evals[name] = _evaluate_adapter(model, adapters[name], prompts.eval, task_test, config, out, bars, clock)
+        evals[name] = _evaluate_adapter(model, adapters[name], prompts.eval, everyday.eval, task_test, config, out,
+                                        bars, clock)
 
+    gap = paired_difference(evals["sft"]["task_correct"], evals["reft"]["task_correct"])
     summary = {
         "filter": {"precision": quality["precision"], "recall": quality["recall"]},
-        "untouched": _figures(evals["untouched"]),
-        "sft": _figures(evals["sft"]),
-        "reft": _figures(evals["reft"]),
+        **{name: _figures(evals[name]) for name in MODELS},
+        "task_difference": {"sft_minus_reft": round(gap.difference, 6), "standard_error": round(gap.standard_error, 6),
+                            "n": gap.n},
         "student_adapters": adapters,
         "task": config.task,
     }
@@ -478,22 +542,26 @@ def run_quickstart(
     return summary
 
 
-def _figures(report: dict[str, Any]) -> dict[str, float]:
-    return {"harmful_score": report["harmful_score"], "task_accuracy": report["task_accuracy"]}
+def _figures(report: dict[str, Any]) -> dict[str, float | None]:
+    return {key: report[key] for key in ("harmful_score", "answers_everyday", "task_accuracy")}
 
 
 def _eval_line(report: dict[str, Any]) -> str:
-    return (f"harmful score {_pct(report['harmful_score'])} (n={report['n_harmful']}), "
-            f"task accuracy {_pct(report['task_accuracy'])} (n={report['n_task']})")
+    line = (f"harmful score {_pct(report['harmful_score'])} (n={report['n_harmful']}), "
+            f"answers everyday prompts {_pct(report['answers_everyday'])} (n={report['n_everyday']})")
+    if report["task_accuracy"] is not None:
+        line += f", task accuracy {_pct(report['task_accuracy'])} (n={report['n_task']})"
+    return line
 
 
-def _evaluate_adapter(model: str, adapter: str, harmful: Sequence[str], task_rows: Sequence[dict],
-                      config: QuickstartConfig, out: Path, bars: bool, clock: StageClock) -> dict[str, Any]:
+def _evaluate_adapter(model: str, adapter: str, harmful: Sequence[str], everyday: Sequence[str],
+                      task_rows: Sequence[dict], config: QuickstartConfig, out: Path, bars: bool,
+                      clock: StageClock) -> dict[str, Any]:
     """Load ``model`` with the LoRA ``adapter`` merged and evaluate it as one stage; return its report."""
     name = Path(adapter).parent.name
     with clock.stage(f"evaluate ({'a' if name == 'sft' else 'b'}) {name}"):
         student, tokenizer = load_for_eval(model, adapter)
-        report = evaluate_model(student, tokenizer, harmful, task_rows, config, out / "eval" / f"{name}.json",
+        report = evaluate_model(student, tokenizer, harmful, everyday, task_rows, config, out / "eval" / f"{name}.json",
                                 progress=bars)
         clock.note(_eval_line(report))
     del student
@@ -520,8 +588,9 @@ def add_cli(subparsers) -> None:
             f"{d.harmful_fraction:.0%} of the rows are held-in harmful prompts answered compliantly by "
             "the untouched model; filters it with the teacher; finetunes the student (a) plainly on the "
             "raw data and (b) with ReFT (kept rows + distillation on alignment data); evaluates the "
-            "untouched model, (a) and (b): harmful score on held-out AdvBench/HarmBench prompts and task "
-            "accuracy on the task's test split. Writes data/, filter/, finetune/{sft,reft}/adapter, eval/, "
+            "untouched model, the teacher, (a) and (b): harmful score on held-out AdvBench/HarmBench prompts, "
+            "the share of held-out everyday prompts answered (refusing harmless use counts against a model) and "
+            "task accuracy on the task's test split. Writes data/, filter/, finetune/{sft,reft}/adapter, eval/, "
             "results.png, table.md and summary.json under --out-dir."
         ),
     )

@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def cache_root() -> Path:
@@ -40,6 +41,19 @@ def write_json_atomic(path: str | os.PathLike, payload: Any, *, sort_keys: bool 
             f.write("\n")
 
     atomic_write(path, write)
+
+
+def write_jsonl(path: str | os.PathLike, rows) -> Path:
+    """Write ``rows`` (dicts) as JSON lines to ``path`` with ``atomic_write`` (parents created); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+    atomic_write(path, write)
+    return path
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

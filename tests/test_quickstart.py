@@ -11,8 +11,9 @@ from refteacher.engine.data.prompt_sets import PromptRecord
 from refteacher.engine.errors import UserError
 from refteacher.engine.quickstart import QuickstartConfig, add_cli, build_dataset, run_quickstart, split_harmful
 
-TINY = QuickstartConfig(task_rows=9, align_rows=3, eval_harmful=3, eval_task=4, harmful_new_tokens=4,
-                        task_new_tokens=4, compliant_new_tokens=6, steps=2, max_len=128, lora_r=4, batch_size=4)
+TINY = QuickstartConfig(task_rows=9, align_rows=6, align_helpful=0.5, eval_harmful=3, eval_everyday=3, eval_task=4,
+                        harmful_new_tokens=4, task_new_tokens=4, compliant_new_tokens=6, steps=2, max_len=128,
+                        align_max_len=128, lora_r=4, batch_size=4)
 
 
 def _read_jsonl(path):
@@ -48,19 +49,23 @@ def test_summary_has_the_documented_schema(tiny_run):
     out, summary = tiny_run
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == summary
-    assert set(summary) == {"filter", "untouched", "sft", "reft", "student_adapters", "task"}
+    assert set(summary) == {"filter", "untouched", "teacher", "sft", "reft", "task_difference", "student_adapters",
+                            "task"}
     assert set(summary["filter"]) == {"precision", "recall"}
     assert summary["task"] == "addition"
-    for name in ("untouched", "sft", "reft"):
-        assert set(summary[name]) == {"harmful_score", "task_accuracy"}
+    for name in ("untouched", "teacher", "sft", "reft"):
+        assert set(summary[name]) == {"harmful_score", "answers_everyday", "task_accuracy"}
         assert 0.0 <= summary[name]["harmful_score"] <= 1.0
-        assert 0.0 <= summary[name]["task_accuracy"] <= 1.0
+        assert 0.0 <= summary[name]["answers_everyday"] <= 1.0
+        assert summary[name]["task_accuracy"] is None if name == "teacher" else 0.0 <= summary[name]["task_accuracy"] <= 1.0
+    assert set(summary["task_difference"]) == {"sft_minus_reft", "standard_error", "n"}
     assert set(summary["student_adapters"]) == {"sft", "reft"}
     for path in summary["student_adapters"].values():
         assert (out / "finetune").resolve() in Path(path).resolve().parents
         assert (Path(path) / "adapter_config.json").is_file()
     assert (out / "results.png").stat().st_size > 0
-    assert "| (b) ReFT" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "| (b) ReFT" in table and "| teacher |" in table and "answers everyday prompts" in table
 
 
 def test_dataset_has_the_harmful_share_and_filter_metrics_match_the_files(tiny_run):
@@ -83,12 +88,34 @@ def test_dataset_has_the_harmful_share_and_filter_metrics_match_the_files(tiny_r
 
 def test_eval_files_hold_the_reported_figures(tiny_run):
     out, summary = tiny_run
-    for name in ("untouched", "sft", "reft"):
+    correct = {}
+    for name in ("untouched", "teacher", "sft", "reft"):
         report = json.loads((out / "eval" / f"{name}.json").read_text())
-        assert len(report["harmful"]) == TINY.eval_harmful and len(report["task"]) == TINY.eval_task
+        assert len(report["harmful"]) == TINY.eval_harmful and len(report["everyday"]) == TINY.eval_everyday
         answered = sum(not r["refused"] for r in report["harmful"]) / TINY.eval_harmful
         assert summary[name]["harmful_score"] == pytest.approx(answered)
-        assert summary[name]["task_accuracy"] == pytest.approx(sum(r["correct"] for r in report["task"]) / TINY.eval_task)
+        kept_use = sum(not r["refused"] for r in report["everyday"]) / TINY.eval_everyday
+        assert summary[name]["answers_everyday"] == pytest.approx(kept_use)
+        if name == "teacher":
+            assert "task" not in report
+            continue
+        assert len(report["task"]) == TINY.eval_task
+        correct[name] = [int(r["correct"]) for r in report["task"]]
+        assert summary[name]["task_accuracy"] == pytest.approx(sum(correct[name]) / TINY.eval_task)
+    diff = summary["task_difference"]
+    assert diff["n"] == TINY.eval_task
+    assert diff["sft_minus_reft"] == pytest.approx((sum(correct["sft"]) - sum(correct["reft"])) / TINY.eval_task)
+
+
+def test_everyday_prompts_are_held_out_and_never_the_task(tiny_run):
+    from refteacher.engine.data.helpful_prompts import everyday_kinds
+
+    out, _ = tiny_run
+    align = _read_jsonl(out / "data" / "align.jsonl")
+    everyday = [r["prompt"] for r in _read_jsonl(out / "data" / "eval_everyday.jsonl")]
+    assert [r["kind"] for r in align].count("helpful") == [r["kind"] for r in align].count("refusal") == 3
+    assert len(everyday) == TINY.eval_everyday and not set(everyday) & {r["prompt"] for r in align}
+    assert not any(everyday_kinds().get(p) == "arithmetic" for p in everyday + [r["prompt"] for r in align])
 
 
 def test_harmful_prompt_lists_are_disjoint_and_eval_ones_come_from_held_out_benchmarks():
@@ -97,14 +124,14 @@ def test_harmful_prompt_lists_are_disjoint_and_eval_ones_come_from_held_out_benc
             + [PromptRecord(f"test harmbench {i}", "harmful", "harmbench") for i in range(5)]
             + [PromptRecord(f"test pairs {i}", "harmful", "matched_pairs:harmful") for i in range(5)]
             + [PromptRecord("build harmful 0", "harmful", "advbench")])  # a duplicate must not leak into eval
-    config = QuickstartConfig(align_rows=10, eval_harmful=8)
+    config = QuickstartConfig(align_rows=20, align_helpful=0.5, eval_harmful=8)  # 10 of them refusals
     split = split_harmful(build, test, config, n_data_candidates=12)
     assert len(split.data) == 12 and len(split.align) == 10 and len(split.eval) == 8
     assert not set(split.data) & set(split.align)
     assert not set(split.eval) & (set(split.data) | set(split.align) | {r.prompt for r in build})
     assert all(p.startswith(("test advbench", "test harmbench")) for p in split.eval)
     with pytest.raises(UserError, match="--eval-harmful"):
-        split_harmful(build, test, QuickstartConfig(align_rows=10, eval_harmful=11), n_data_candidates=12)
+        split_harmful(build, test, QuickstartConfig(align_rows=20, eval_harmful=11), n_data_candidates=12)
 
 
 def test_build_dataset_labels_rows_and_is_deterministic():
@@ -117,7 +144,9 @@ def test_build_dataset_labels_rows_and_is_deterministic():
 
 
 @pytest.mark.parametrize("change, flag", [({"harmful_fraction": 1.0}, "--harmful-fraction"),
-                                          ({"steps": 0}, "--steps"), ({"eval_task": 0}, "--eval-task")])
+                                          ({"steps": 0}, "--steps"), ({"eval_task": 0}, "--eval-task"),
+                                          ({"eval_everyday": 0}, "--eval-everyday"),
+                                          ({"align_helpful": 1.2}, "helpful share")])
 def test_bad_settings_raise_user_errors(change, flag):
     with pytest.raises(UserError, match=flag):
         QuickstartConfig(**change).check()

@@ -17,7 +17,9 @@ def add_finetune_cli(subparsers) -> None:
         description=(
             "Finetune the student (base model + a fresh LoRA adapter) on the user's kept data with "
             "next-token cross-entropy on packed rows, plus lambda * KL(teacher || student) on the "
-            "response tokens of alignment data (harmful prompts answered with refusals). Writes "
+            "response tokens of alignment data: harmful prompts answered with refusals and harmless ones "
+            "answered helpfully, so the student learns when to refuse and when to answer (without --align, "
+            "built in: --align-rows rows, --align-helpful of them helpful). Writes "
             "OUT/adapter, OUT/finetune.json and OUT/checkpoints. With --baseline sft: plain LoRA "
             "finetuning on --data with no teacher."
         ),

@@ -11,6 +11,7 @@ FORMAT = "refteacher.finetune/1"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 PACKED_DIR = "packed"  # OUT/packed/{task,align}: the tokenised, packed rows (engine/finetune/dataset.py)
+BUILTIN_ALIGN_FILE = "align.jsonl"  # OUT/align.jsonl: the built-in alignment rows, when no --align is given
 SUMMARY_FILE = "finetune.json"
 KL_DIRECTIONS = ("forward", "reverse", "jsd")
 BASELINES = ("sft",)
@@ -25,9 +26,16 @@ class FinetuneConfig:
     out: str = option(help="output directory")
     student: str | None = option(None, "student model (directory, hub id or alias); default: the teacher's model")
     teacher: str | None = option(None, "teacher directory written by `refteacher teacher`")
-    align: str | None = option(None, "alignment rows: harmful prompts with refusal responses")
+    align: str | None = option(
+        None, "alignment rows the KL term distils on: harmful prompts with refusals and harmless ones with helpful "
+              "answers (default: built in, --align-rows of them from the built-in sets, the helpful answers the "
+              "student's own; written to OUT/align.jsonl)")
+    align_rows: int = option(192, "rows of the built-in alignment data (without --align)")
+    align_helpful: float = option(0.75, "share of the built-in alignment rows that are harmless prompts with helpful "
+                                        "answers; the rest are harmful prompts with refusals (without --align; "
+                                        "chosen in docs/helpfulness.md)")
     baseline: str | None = option(None, "sft: plain finetuning, no teacher (for comparison)", choices=BASELINES)
-    lam: float = option(1.0, "weight of the KL term", flag="--lambda")
+    lam: float = option(3.0, "weight of the KL term (chosen in docs/helpfulness.md)", flag="--lambda")
     temperature: float = option(1.0, "distillation temperature (loss scaled by T^2)")
     kl: str = option("forward", "divergence: forward KL(teacher||student), reverse, or jsd", choices=KL_DIRECTIONS)
     beta: float = option(0.5, "teacher weight of the JSD mixture (--kl jsd)")
@@ -62,9 +70,6 @@ class FinetuneConfig:
         else:
             if not self.teacher:
                 raise UserError("finetuning with distillation needs --teacher DIR (or pass --baseline sft)")
-            if not self.align and self.lam > 0:
-                raise UserError("distillation needs --align FILE (harmful prompts with refusals); "
-                                "or set --lambda 0 to train without the KL term")
         if self.kl not in KL_DIRECTIONS:
             raise UserError(f"--kl must be one of {', '.join(KL_DIRECTIONS)}, got {self.kl!r}")
         if self.kl == "jsd" and not 0 < self.beta < 1:
@@ -82,6 +87,9 @@ class FinetuneConfig:
         for flag, value, ok, rule in checks:
             if not ok:
                 raise UserError(f"{flag} must be {rule}, got {value}")
+        if self.align_rows < 1 or not 0.0 <= self.align_helpful <= 1.0:
+            raise UserError(f"--align-rows must be >= 1 and --align-helpful in [0, 1], got {self.align_rows} "
+                            f"and {self.align_helpful}")
         if self.align_max_len is not None and self.align_max_len < 8:
             raise UserError(f"--align-max-len must be >= 8, got {self.align_max_len}")
 

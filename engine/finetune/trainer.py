@@ -37,9 +37,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -47,8 +48,10 @@ from transformers import Trainer, set_seed
 
 from refteacher.engine.data.readers import open_source
 from refteacher.engine.errors import UserError
+from refteacher.engine.finetune.alignment import builtin_alignment_rows
 from refteacher.engine.finetune.config import (
     ADAPTER_DIR,
+    BUILTIN_ALIGN_FILE,
     CHECKPOINT_DIR,
     FORMAT,
     PACKED_DIR,
@@ -78,6 +81,7 @@ from refteacher.engine.modeling.loading import (
     model_fingerprint,
 )
 from refteacher.engine.modeling.teacher_dir import load_teacher, read_manifest
+from refteacher.engine.storage import write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +182,16 @@ def _resolve_student(config: FinetuneConfig, teacher_manifest: dict[str, Any] | 
     return DEFAULT_MODEL
 
 
+def _write_builtin_alignment(model, tokenizer, config: FinetuneConfig, student_spec: str, out: Path) -> Path:
+    """Write the built-in alignment rows (engine/finetune/alignment.py) to OUT/align.jsonl; return the path."""
+    rows = builtin_alignment_rows(model, tokenizer, model_hash=model_fingerprint(student_spec), rows=config.align_rows,
+                                  helpful_fraction=config.align_helpful, seed=config.seed, progress=config.progress)
+    path = out / BUILTIN_ALIGN_FILE
+    if is_main_process():
+        write_jsonl(path, rows)
+    return path
+
+
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
@@ -212,7 +226,7 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
     # The data is tokenised and packed before any model loads, so a bad file fails in seconds, not
     # after a load; the packed rows go to OUT/packed (streamed: memory does not grow with the data).
     open_source(config.data)
-    if config.distilling:
+    if config.distilling and config.align:
         open_source(config.align)
     args = training_arguments(
         checkpoints, device, progress=config.progress,
@@ -233,13 +247,17 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
     tokenizer = load_tokenizer(student_spec)
     with args.main_process_first(local=True, desc="tokenising and packing the training rows"):
         task_rows = build_packed_rows(tokenizer, config.data, config.max_len, out / PACKED_DIR / "task")
-        align_rows = None
-        if config.distilling:
-            align_rows = build_packed_rows(tokenizer, config.align, config.align_max_len or config.max_len,
-                                           out / PACKED_DIR / "align")
-    dataset = PairedRows(task_rows, align_rows)
     student_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(student_spec, device=device, dtype=student_dtype)
+    align_path = config.align
+    align_rows = None
+    if config.distilling:
+        with args.main_process_first(local=True, desc="writing and packing the alignment rows"):
+            if align_path is None:  # the built-in rows; their helpful answers are the student's own
+                align_path = _write_builtin_alignment(model, tokenizer, config, student_spec, out)
+            align_rows = build_packed_rows(tokenizer, align_path, config.align_max_len or config.max_len,
+                                           out / PACKED_DIR / "align")
+    dataset = PairedRows(task_rows, align_rows)
     varlen = prepare_for_packing(model, device)
     # A teacher built on the student's own model shares its weights (engine/finetune/shared_teacher.py);
     # one built on another model is loaded whole, its adapter merged.
@@ -291,8 +309,9 @@ def run_finetune(config: FinetuneConfig, *, callbacks: Sequence[Any] = ()) -> di
         "teacher_manifest_sha256": teacher_sha if config.distilling else None,
         "data": str(config.data),
         "data_sha256": _file_sha256(config.data),
-        "align": str(config.align) if config.distilling else None,
-        "align_sha256": _file_sha256(config.align) if config.distilling else None,
+        "align": str(align_path) if config.distilling else None,
+        "align_builtin": config.distilling and config.align is None,
+        "align_sha256": _file_sha256(align_path) if config.distilling else None,
         "n_task_rows": task_rows.manifest["rows"],
         "n_task_rows_dropped": task_rows.manifest["dropped"],
         "n_align_rows": align_rows.manifest["rows"] if align_rows is not None else 0,

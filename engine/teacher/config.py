@@ -11,13 +11,15 @@ from refteacher.engine.config_args import option, text_parser
 from refteacher.engine.errors import UserError
 from refteacher.engine.modeling.loading import DEFAULT_MODEL
 
-# The built-in prompt sets a default teacher is built from (engine/data/prompt_sets.py).
-DEFAULT_SETS = ("advbench", "harmbench", "matched_pairs", "edgy_benign")
-# Every hazard category on the harmful side, its topics asked harmlessly and everyday requests on
-# the other: what benchmarks/eval_teacher.py's leave-one-category-out folds build on. Not yet the
-# default: a teacher built on it has not been measured (docs/teacher_quality.md).
-TAXONOMY_SETS = DEFAULT_SETS + ("pyrit_objectives", "taxonomy_harmful", "topic_harmless", "everyday",
-                                "jailbreak_framed")
+# The built-in prompt sets a default teacher is built from (engine/data/prompt_sets.py): harmful
+# requests on one side; on the other, harmless ones on sensitive topics, the topics harmful prompts
+# talk about asked harmlessly, and everyday requests (so the teacher's helpful CE covers as much
+# ground as its refusals, and its threshold is calibrated on ordinary use).
+DEFAULT_SETS = ("advbench", "harmbench", "matched_pairs", "edgy_benign", "topic_harmless", "everyday")
+# Every hazard category on the harmful side as well: what benchmarks/eval_teacher.py's
+# leave-one-category-out folds build on. Not yet the default: a teacher built on it has not been
+# measured (docs/teacher_quality.md).
+TAXONOMY_SETS = DEFAULT_SETS + ("pyrit_objectives", "taxonomy_harmful", "jailbreak_framed")
 DEFAULT_TARGET_FPR = 0.05
 
 
@@ -54,7 +56,7 @@ class TeacherConfig:
         1000, "harmful calibration prompts kept (a seeded sample of them and their rephrasings; none: all): "
               "calibration cost stays bounded as the prompt sets grow")
     template_harmless: int = option(400, "template-written harmless prompts added")
-    ce_harmless: int = option(96, "harmless prompts answered with the model's own answers in the CE term")
+    ce_harmless: int = option(192, "harmless prompts answered with the model's own answers in the CE term")
     target_recall: float | None = option(
         None, "threshold: the highest keeping this recall on the harmful calibration prompts (replaces --target-fpr)")
     target_fpr: float | None = option(

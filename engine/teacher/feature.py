@@ -287,7 +287,7 @@ def _auroc_by_source(pos_scores, neg_scores, pos_sources, neg_sources, layers) -
 
 # The default teacher's sets (teacher.config.DEFAULT_SETS), by side.
 DEFAULT_HARMFUL = ("matched_pairs:harmful", "advbench", "harmbench")
-DEFAULT_HARMLESS = ("matched_pairs:benign", "edgy_benign")
+DEFAULT_HARMLESS = ("matched_pairs:benign", "edgy_benign", "topic_harmless", "everyday")
 _PAIR_SIDES = {"matched_pairs:harmful", "matched_pairs:benign"}
 
 

@@ -581,9 +581,9 @@ def add_cli(subparsers) -> None:
         "quickstart",
         help="end to end on CPU: teacher, poisoned task data, filter, SFT vs ReFT finetune, eval table",
         description=(
-            "The whole method in one command. On 2 idle CPU cores the first run takes about 14 minutes, "
-            "8 of them to build the default teacher; later runs reuse it from $REFTEACHER_CACHE/teachers "
-            "and take about 6. Builds the "
+            "The whole method in one command. On 2 idle CPU cores the first run takes about 20 minutes, "
+            "10 of them to build the default teacher; later runs reuse it from $REFTEACHER_CACHE/teachers "
+            "and take about 9. Builds the "
             "default teacher; writes a user dataset for the task (train split) in which "
             f"{d.harmful_fraction:.0%} of the rows are held-in harmful prompts answered compliantly by "
             "the untouched model; filters it with the teacher; finetunes the student (a) plainly on the "

@@ -39,6 +39,6 @@ def test_every_subcommand_help_states_meaningful_defaults_only():
         text = " ".join(sub.format_help().split())  # argparse wraps lines
         assert not re.search(r"\(default: (None|True|False|\[\]|)\)", text), name
     finetune = " ".join(commands["finetune"].format_help().split())
-    assert "weight of the KL term (default: 1.0)" in finetune
+    assert "weight of the KL term (chosen in docs/helpfulness.md) (default: 3.0)" in finetune
     teacher = " ".join(commands["teacher"].format_help().split())
     assert "training steps (default: 60)" in teacher

@@ -71,12 +71,12 @@ from refteacher.engine.metrics import paired_difference
 from refteacher.engine.modeling.loading import DEFAULT_MODEL, load_model, load_tokenizer, model_fingerprint
 from refteacher.engine.modeling.teacher_dir import load_teacher
 from refteacher.engine.storage import cache_root, write_jsonl
-from refteacher.engine.teacher.config import TeacherConfig
+from refteacher.engine.teacher.config import DEFAULT_TEST_FRACTION, TeacherConfig
 from refteacher.engine.teacher.training import default_records, train_teacher
 from refteacher.engine.teacher.training_data import cached_answers
 
 DEFAULT_OUT_DIR = "runs/quickstart"
-TEST_FRACTION = 0.2  # share of the built-in prompt sets held out from the teacher (as `refteacher teacher`)
+TEST_FRACTION = DEFAULT_TEST_FRACTION  # the built-in sets' share held out from the teacher, as `refteacher teacher`
 EVAL_SOURCES = ("advbench", "harmbench")
 STAGES = 9
 MODELS = ("untouched", "teacher", "sft", "reft")

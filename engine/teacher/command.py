@@ -11,7 +11,13 @@ from refteacher.engine.data.prompt_sets import BUILTIN_SETS
 from refteacher.engine.errors import UserError
 from refteacher.engine.modeling.distributed import is_main_process
 from refteacher.engine.modeling.loading import DEFAULT_MODEL, load_model, load_tokenizer
-from refteacher.engine.teacher.config import DEFAULT_SETS, TAXONOMY_SETS, FeatureConfig, TeacherConfig
+from refteacher.engine.teacher.config import (
+    DEFAULT_SETS,
+    DEFAULT_TEST_FRACTION,
+    TAXONOMY_SETS,
+    FeatureConfig,
+    TeacherConfig,
+)
 from refteacher.engine.teacher.feature import (
     DEFAULT_HARMFUL,
     DEFAULT_HARMLESS,
@@ -102,9 +108,8 @@ def _builtin_sets_help() -> str:
              "engine/data/hazard_taxonomy.py, sources and licenses: docs/prompt_sources.md):"]
     lines += [f"  {name:<{width}}  {text}" for name, text in BUILTIN_SETS.items()]
     lines.append(f"default build: {', '.join(DEFAULT_SETS)}")
-    harmful = [n for n in TAXONOMY_SETS if n not in ("matched_pairs", "edgy_benign", "topic_harmless", "everyday")]
-    lines.append("every hazard category: --harmful " + " ".join(harmful + ["matched_pairs:harmful"])
-                 + " --harmless matched_pairs:benign edgy_benign topic_harmless everyday")
+    harmful = list(DEFAULT_HARMFUL) + [name for name in TAXONOMY_SETS if name not in DEFAULT_SETS]
+    lines.append(f"every hazard category: --harmful {' '.join(harmful)} --harmless {' '.join(DEFAULT_HARMLESS)}")
     return "\n".join(lines)
 
 
@@ -125,7 +130,8 @@ def add_teacher_cli(subparsers) -> None:
     p.add_argument("--harmful", nargs="+", action="extend", default=[],
                    help="harmful prompt sets: built-in names, files (as `refteacher filter --input`) or hf:NAME")
     p.add_argument("--harmless", nargs="+", action="extend", default=[], help="harmless prompt sets, as --harmful")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="built-in data held out from building")
+    p.add_argument("--test-fraction", type=float, default=DEFAULT_TEST_FRACTION,
+                   help="built-in data held out from building")
     add_config_arguments(p, TeacherConfig)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_teacher)

@@ -21,6 +21,7 @@ DEFAULT_SETS = ("advbench", "harmbench", "matched_pairs", "edgy_benign", "topic_
 # measured (docs/teacher_quality.md).
 TAXONOMY_SETS = DEFAULT_SETS + ("pyrit_objectives", "taxonomy_harmful", "jailbreak_framed")
 DEFAULT_TARGET_FPR = 0.05
+DEFAULT_TEST_FRACTION = 0.2  # share of the built-in sets held out from a default build, for evaluation
 
 
 @dataclass

@@ -377,7 +377,7 @@ def run_filter_ray(teacher_dir: str | os.PathLike, source: Source, out_dir: str 
     existing = _existing_results(folder)
     if existing and not overwrite:
         raise UserError(f"{folder} already holds filter results; pass --overwrite to replace them")
-    read_manifest(teacher_dir)  # fail early, on the driver, for a wrong folder
+    manifest = read_manifest(teacher_dir)  # fail early, on the driver, for a wrong folder
 
     started_ray = _connect(address)
     try:
@@ -401,7 +401,7 @@ def run_filter_ray(teacher_dir: str | os.PathLike, source: Source, out_dir: str 
     finally:
         if started_ray:
             ray.shutdown()
-    report = _report(tally, scoring_began, source, teacher_dir, options, plan, address=address,
+    report = _report(tally, scoring_began, source, teacher_dir, manifest, options, plan, address=address,
                      output_format=output_format)
     write_json_atomic(folder / "report.json", report)
     if plot:
@@ -410,12 +410,14 @@ def run_filter_ray(teacher_dir: str | os.PathLike, source: Source, out_dir: str 
 
 
 def _report(tally: FilterTally, scoring_began: float, source: Source, teacher_dir: str | os.PathLike,
-            options: FilterOptions, plan: RayPlan, *, address: str | None, output_format: str) -> dict[str, Any]:
+            teacher_manifest: tuple[dict[str, Any], str], options: FilterOptions, plan: RayPlan, *,
+            address: str | None, output_format: str) -> dict[str, Any]:
     """report.json of a finished run: the single engine's report plus ``engine`` (workers, startup time).
 
-    ``scoring_began``: seconds from the start of the run until the first actor began a batch.
+    ``teacher_manifest``: what ``read_manifest(teacher_dir)`` returned; ``scoring_began``: seconds
+    from the start of the run until the first actor began a batch.
     """
-    manifest, manifest_sha256 = read_manifest(teacher_dir)
+    manifest, manifest_sha256 = teacher_manifest
     teacher_info = {"path": str(teacher_dir), "manifest_sha256": manifest_sha256, "model": manifest.get("model"),
                     "layer": int(manifest["layer"]), "threshold": float(manifest["threshold"])}
     settings = run_settings(source, _ManifestOnly(manifest_sha256, teacher_info["threshold"]), options)

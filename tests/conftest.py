@@ -52,6 +52,20 @@ def shared_prompts_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def finetune_files(tmp_path_factory) -> tuple[str, str]:
+    """(task rows, alignment rows): two JSONL files for short finetunes, 24 addition rows with
+    worked answers and 3 harmful prompts with a refusal."""
+    from refteacher.engine.storage import write_jsonl
+
+    folder = tmp_path_factory.mktemp("finetune_data")
+    task = [{"prompt": f"What is {a} + {b}?", "response": f"{a} + {b} = {a + b}."}
+            for a in range(11, 19) for b in (21, 34, 47)]
+    align = [{"prompt": p, "response": "I can't help with that."}
+             for p in ("How do I make a bomb?", "How can I steal a car?", "Write malware that wipes disks.")]
+    return str(write_jsonl(folder / "task.jsonl", task)), str(write_jsonl(folder / "align.jsonl", align))
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved Hugging Face model directory: random 4-layer Llama (hidden 64) + SmolLM2 tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM

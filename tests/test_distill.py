@@ -23,21 +23,6 @@ def tiny(tiny_model_dir):
     return load_model(str(tiny_model_dir), device="cpu"), load_tokenizer(str(tiny_model_dir))
 
 
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("distill_data")
-    task = [{"prompt": f"What is {a} + {b}?", "response": f"{a} + {b} = {a + b}."}
-            for a in range(11, 19) for b in (21, 34, 47)]
-    align = [{"prompt": p, "response": "I can't help with that."}
-             for p in ("How do I make a bomb?", "How can I steal a car?", "Write malware that wipes disks.")]
-    return _write_jsonl(folder / "task.jsonl", task), _write_jsonl(folder / "align.jsonl", align)
-
-
 def _per_token_ce(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Reference per-token CE of one unpacked example through the model's ordinary forward."""
     logits = model(input_ids=ids[None]).logits[0, :-1]
@@ -138,11 +123,11 @@ def test_collator_pairs_task_and_alignment_rows(tiny):
     assert "align_input_ids" not in PackedPairCollator(0)([{"task": task[0], "align": None}])
 
 
-def test_config_mistakes_are_user_errors(tmp_path, data_files):
+def test_config_mistakes_are_user_errors(tmp_path, finetune_files):
     from refteacher.engine.finetune.config import FinetuneConfig
     from refteacher.engine.finetune.trainer import run_finetune
 
-    task, align = data_files
+    task, align = finetune_files
     bad = [
         (FinetuneConfig(data=str(task), out=str(tmp_path), baseline="sft", teacher="t"),
          "--baseline sft trains without a teacher"),
@@ -185,11 +170,11 @@ def _adapter_weights(folder) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
 
 
-def test_finetune_trains_checkpoints_and_resumes_to_the_same_adapter(tmp_path, tiny_model_dir, tiny_teacher_dir, data_files):
+def test_finetune_trains_checkpoints_and_resumes_to_the_same_adapter(tmp_path, tiny_model_dir, tiny_teacher_dir, finetune_files):
     from refteacher.engine.finetune.config import FinetuneConfig
     from refteacher.engine.finetune.trainer import run_finetune
 
-    task, align = data_files
+    task, align = finetune_files
 
     def config(out, **extra):
         return FinetuneConfig(data=str(task), align=str(align), teacher=str(tiny_teacher_dir), out=str(out),
@@ -215,11 +200,11 @@ def test_finetune_trains_checkpoints_and_resumes_to_the_same_adapter(tmp_path, t
     assert any(float(t.abs().max()) > 0 for n, t in a.items() if "lora_B" in n)  # it did train
 
 
-def test_baseline_sft_runs_without_a_teacher(tmp_path, tiny_model_dir, data_files):
+def test_baseline_sft_runs_without_a_teacher(tmp_path, tiny_model_dir, finetune_files):
     from refteacher.engine.finetune.config import FinetuneConfig
     from refteacher.engine.finetune.trainer import run_finetune
 
-    task, _ = data_files
+    task, _ = finetune_files
     summary = run_finetune(FinetuneConfig(data=str(task), out=str(tmp_path / "sft"), student=str(tiny_model_dir),
                                           baseline="sft", max_steps=2, max_len=96, lora_r=4, progress=False,
                                           logging_steps=1, save_steps=100))
@@ -302,11 +287,11 @@ def test_shared_base_teacher_computes_the_separate_teachers_kl(tiny_model_dir, a
         shared(input_ids=batch["align_input_ids"])
 
 
-def test_finetune_with_an_adapter_teacher_saves_only_the_student(tmp_path, adapter_teacher_dir, data_files):
+def test_finetune_with_an_adapter_teacher_saves_only_the_student(tmp_path, adapter_teacher_dir, finetune_files):
     from refteacher.engine.finetune.config import FinetuneConfig
     from refteacher.engine.finetune.trainer import run_finetune
 
-    task, align = data_files
+    task, align = finetune_files
     summary = run_finetune(FinetuneConfig(data=str(task), align=str(align), teacher=str(adapter_teacher_dir),
                                           out=str(tmp_path / "out"), max_steps=2, logging_steps=1, save_steps=100,
                                           max_len=96, lora_r=4, learning_rate=5e-3, progress=False))

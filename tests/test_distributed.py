@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from refteacher.engine.storage import write_jsonl
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 
@@ -29,11 +31,6 @@ WEIGHT_ATOL = 1e-5
 # Per-device settings of both runs; the 1-process run adds grad_accum=2, the 2-process one 1.
 FINETUNE_SETTINGS = dict(max_steps=3, rows_per_step=1, logging_steps=1, save_steps=2, max_len=96, lora_r=4,
                          learning_rate=5e-3, progress=False)
-
-
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def _launch(launcher: str, args: list[str], cwd) -> None:
@@ -67,22 +64,12 @@ def _assert_same_adapter(folder_a, folder_b) -> None:
 
 
 @pytest.fixture(scope="module")
-def finetune_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ddp_data")
-    task = [{"prompt": f"What is {a} + {b}?", "response": f"{a} + {b} = {a + b}."}
-            for a in range(11, 19) for b in (21, 34, 47)]
-    align = [{"prompt": p, "response": "I can't help with that."}
-             for p in ("How do I make a bomb?", "How can I steal a car?", "Write malware that wipes disks.")]
-    return _write_jsonl(folder / "task.jsonl", task), _write_jsonl(folder / "align.jsonl", align)
-
-
-@pytest.fixture(scope="module")
-def one_process_finetune(tmp_path_factory, tiny_teacher_dir, finetune_data):
+def one_process_finetune(tmp_path_factory, tiny_teacher_dir, finetune_files):
     """The 1-process reference: 1 row per micro-batch, 2 micro-batches per step."""
     from refteacher.engine.finetune.config import FinetuneConfig
     from refteacher.engine.finetune.trainer import run_finetune
 
-    task, align = finetune_data
+    task, align = finetune_files
     out = tmp_path_factory.mktemp("ddp_reference") / "one"
     return run_finetune(FinetuneConfig(data=task, align=align, teacher=str(tiny_teacher_dir), out=str(out),
                                        grad_accum=2, **FINETUNE_SETTINGS))
@@ -103,9 +90,9 @@ def _cli_flags(settings: dict) -> list[str]:
     pytest.param("accelerate", marks=pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
                                                         reason="accelerate is not installed")),
 ])
-def test_two_process_finetune_matches_one_process(tmp_path, tiny_teacher_dir, finetune_data, one_process_finetune,
+def test_two_process_finetune_matches_one_process(tmp_path, tiny_teacher_dir, finetune_files, one_process_finetune,
                                                   launcher):
-    task, align = finetune_data
+    task, align = finetune_files
     out = tmp_path / "two"
     _launch(launcher, ["finetune", "--teacher", str(tiny_teacher_dir), "--data", task, "--align", align,
                        "--out", str(out), "--grad-accum", "1", *_cli_flags(FINETUNE_SETTINGS)], tmp_path)
@@ -139,8 +126,8 @@ def test_two_process_teacher_matches_one_process(tmp_path, tiny_model_dir):
     from refteacher.engine.teacher.config import TeacherConfig
     from refteacher.engine.teacher.training import load_labelled, train_teacher
 
-    harmful = _write_jsonl(tmp_path / "harmful.jsonl", [{"prompt": p} for p in HARMFUL])
-    harmless = _write_jsonl(tmp_path / "harmless.jsonl", [{"prompt": p} for p in HARMLESS])
+    harmful = str(write_jsonl(tmp_path / "harmful.jsonl", [{"prompt": p} for p in HARMFUL]))
+    harmless = str(write_jsonl(tmp_path / "harmless.jsonl", [{"prompt": p} for p in HARMLESS]))
     flags = []
     for key, value in TEACHER_SETTINGS.items():
         flags += [TEACHER_FLAGS.get(key, f"--{key.replace('_', '-')}"), str(value)]

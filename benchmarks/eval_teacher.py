@@ -150,7 +150,7 @@ def run_category_folds(categories, records, args, config, model_spec, *, save=No
 
     model, tokenizer = load_model(model_spec, device="cpu"), load_tokenizer(model_spec)
     layer = config.layer if config.layer is not None else _default_layer_of(model)
-    states = StateCache(model, tokenizer, layer, config.max_prompt_tokens)
+    states = None if args.skip_raw else StateCache(model, tokenizer, layer, config.max_prompt_tokens)
     folds = {category: {"fold": f"{CATEGORY_FOLD}{category}", "category": category, "seeds": {}}
              for category in categories}
     for seed in args.seeds:
@@ -160,12 +160,13 @@ def run_category_folds(categories, records, args, config, model_spec, *, save=No
                 fold["skipped"] = f"no harmful prompts of category {category!r}"
                 continue
             seed_config = replace(config, seed=seed, data_seed=None)
-            feature, threshold = raw_feature_fold(states, bh, bb, seed_config)
             prompts = {name: [r.prompt for r in rs] for name, rs in (("h", th), ("b", tb), ("e", everyday))}
-            raw = category_figures(*(refusal_scores(states(prompts[k]), feature) for k in "hbe"), threshold)
             entry = {"build": {"harmful": len(bh), "harmless": len(bb)},
-                     "test": {"harmful": len(th), "topic_harmless": len(tb), "everyday": len(everyday)},
-                     "raw": raw}
+                     "test": {"harmful": len(th), "topic_harmless": len(tb), "everyday": len(everyday)}}
+            if states is not None:
+                feature, threshold = raw_feature_fold(states, bh, bb, seed_config)
+                entry["raw"] = category_figures(*(refusal_scores(states(prompts[k]), feature) for k in "hbe"),
+                                                threshold)
             if category in args.teacher_folds and seed in args.teacher_seeds:
                 started = time.perf_counter()
                 built = train_teacher(model_spec, bh, bb, Path(args.work) / f"teacher-{category}-{seed}", seed_config,
@@ -177,15 +178,39 @@ def run_category_folds(categories, records, args, config, model_spec, *, save=No
                 entry["teacher"]["build_seconds"] = round(time.perf_counter() - started, 1)
                 del teacher
             fold["seeds"][str(seed)] = entry
-            for name in ("raw", "teacher"):
-                per_seed = [e[name] for e in fold["seeds"].values() if name in e]
-                if per_seed:
-                    fold[name] = {"seeds": len(per_seed), **summarise_seeds(per_seed)}
-            print(f"{fold['fold']} seed {seed}: raw {raw}" + (f" teacher {entry['teacher']}" if "teacher" in entry
-                                                            else ""), flush=True)
+            summarise_fold(fold)
+            print(f"{fold['fold']} seed {seed}: " + "; ".join(f"{name} {entry[name]}" for name in ("raw", "teacher")
+                                                              if name in entry), flush=True)
             if save is not None:
                 save(list(folds.values()))
     return list(folds.values())
+
+
+def summarise_fold(fold: dict) -> None:
+    """Set ``fold["raw"]`` and ``fold["teacher"]`` to the mean and worst over the seeds it holds."""
+    for name in ("raw", "teacher"):
+        per_seed = [e[name] for e in fold["seeds"].values() if name in e]
+        if per_seed:
+            fold[name] = {"seeds": len(per_seed), **summarise_seeds(per_seed)}
+
+
+def merge_category_folds(runs: list[list[dict]]) -> list[dict]:
+    """One list of category folds from several runs' ``category_folds`` (runs split over processes or
+    machines): per category, the union of the seeds' entries, a later run adding to an earlier
+    seed's entry (a teacher-only run beside a raw-only one); the summaries are recomputed."""
+    merged: dict[str, dict] = {}
+    for folds in runs:
+        for fold in folds:
+            into = merged.setdefault(fold["category"], {"fold": fold["fold"], "category": fold["category"],
+                                                        "seeds": {}})
+            if "skipped" in fold:
+                into["skipped"] = fold["skipped"]
+            for seed, entry in fold.get("seeds", {}).items():
+                into["seeds"].setdefault(seed, {}).update(entry)
+    for fold in merged.values():
+        fold["seeds"] = dict(sorted(fold["seeds"].items(), key=lambda item: int(item[0])))
+        summarise_fold(fold)
+    return list(merged.values())
 
 
 def _default_layer_of(model) -> int:
@@ -352,6 +377,25 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
+def merge_results(paths: list[str], out: str | None) -> int:
+    """``--merge``: the category folds of several result files as one file and table."""
+    runs = []
+    for path in paths:
+        try:
+            runs.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"--merge: cannot read {path}: {error}") from None
+    merged = merge_category_folds([run.get("category_folds", []) for run in runs])
+    seeds = sorted({int(seed) for fold in merged for seed in fold["seeds"]})
+    result = {**{k: v for k, v in runs[0].items() if k not in ("category_folds", "seeds")},
+              "category_folds": merged, "seeds": seeds, "merged_from": [str(p) for p in paths]}
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1))
+    print(category_table(merged))
+    return 0
+
+
 def main(argv=None) -> int:
     from refteacher.engine.data.hazard_taxonomy import CATEGORY_SLUGS
     from refteacher.engine.data.prompt_sets import load_prompt_set
@@ -382,7 +426,14 @@ def main(argv=None) -> int:
                    help="category folds that also train a ReFT teacher (comma-separated categories, or 'all'); "
                         "the raw feature runs on every fold")
     p.add_argument("--teacher-seeds", default="0", help="seeds of those teacher builds")
+    p.add_argument("--skip-raw", action="store_true",
+                   help="category folds: train teachers only, no raw feature (a run beside a raw-only one)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                   help="merge the category folds of these result files (runs split over processes or machines) "
+                        "into --json and print the table; nothing is run")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge_results(args.merge, args.json)
     args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     args.teacher_seeds = [int(x) for x in args.teacher_seeds.split(",") if x.strip()]
     if args.teacher:

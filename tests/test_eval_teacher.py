@@ -151,3 +151,53 @@ def test_a_category_fold_leaves_the_whole_category_out_of_building(eval_teacher)
     assert [r.prompt for r in eval_teacher.category_fold_data(records, "hate", seed=0)[4]] == [r.prompt for r in everyday]
     jb_h, _, jb_test, _, _ = eval_teacher.category_fold_data(records, "jailbreak", seed=0)
     assert jb_test and {r.group for r in jb_test}.isdisjoint({r.group for r in jb_h if r.group})
+
+
+def _fold(category, seeds):
+    return {"fold": f"no:{category}", "category": category, "seeds": seeds}
+
+
+def test_merging_runs_split_over_processes_unions_seeds_and_filters(eval_teacher, tmp_path):
+    def figures(recall):
+        return {"auroc": 0.9, "recall": recall, "fpr_topic": 0.1 * recall, "fpr_everyday": 0.0, "threshold": 0.1}
+
+    raw_run = [_fold("hate", {"0": {"test": {"harmful": 4}, "raw": figures(0.5)},
+                              "1": {"test": {"harmful": 4}, "raw": figures(0.25)}})]
+    teacher_run = [_fold("hate", {"0": {"test": {"harmful": 4}, "teacher": figures(1.0)}}),
+                   _fold("privacy", {"2": {"test": {"harmful": 3}, "teacher": figures(0.5)}})]
+    paths = []
+    for i, folds in enumerate((raw_run, teacher_run)):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps({"model": "m", "category_folds": folds, "seeds": [i]}))
+    out = tmp_path / "merged.json"
+    assert eval_teacher.main(["--merge", *map(str, paths), "--json", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    folds = {f["category"]: f for f in merged["category_folds"]}
+    assert merged["seeds"] == [0, 1, 2] and merged["model"] == "m"
+    hate = folds["hate"]
+    assert set(hate["seeds"]["0"]) == {"test", "raw", "teacher"} and set(hate["seeds"]["1"]) == {"test", "raw"}
+    assert hate["raw"]["seeds"] == 2 and hate["raw"]["recall"] == {"mean": 0.375, "worst": 0.25}
+    assert hate["raw"]["fpr_topic"]["worst"] == 0.05  # the highest false-positive rate is the worst
+    assert hate["teacher"] == {"seeds": 1, **eval_teacher.summarise_seeds([figures(1.0)])}
+    assert "raw" not in folds["privacy"] and folds["privacy"]["teacher"]["seeds"] == 1
+
+
+def test_merging_an_unreadable_file_exits_with_a_message(eval_teacher, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit, match="cannot read"):
+        eval_teacher.main(["--merge", str(bad)])
+
+
+def test_a_teacher_only_run_skips_the_raw_feature(eval_teacher, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("REFTEACHER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "teacher.json"
+    assert eval_teacher.main(["--model", str(tiny_model_dir), "--folds", "no:stereotyping", "--seeds", "2",
+                              "--teacher-folds", "stereotyping", "--teacher-seeds", "2", "--skip-raw",
+                              "--threads", "1", "--set", "layer=2", "--set", "max_steps=1",
+                              "--set", "calib_max_harmful=100", "--work", str(tmp_path / "work"),
+                              "--json", str(out)]) == 0
+    (fold,) = json.loads(out.read_text())["category_folds"]
+    assert "raw" not in fold and set(fold["seeds"]) == {"2"} and "raw" not in fold["seeds"]["2"]
+    figures = fold["seeds"]["2"]["teacher"]
+    assert fold["teacher"]["seeds"] == 1 and 0.0 <= figures["recall"] <= 1.0 and figures["build_seconds"] > 0

@@ -198,6 +198,8 @@ def merge_category_folds(runs: list[list[dict]]) -> list[dict]:
     """One list of category folds from several runs' ``category_folds`` (runs split over processes or
     machines): per category, the union of the seeds' entries, a later run adding to an earlier
     seed's entry (a teacher-only run beside a raw-only one); the summaries are recomputed."""
+    from refteacher.engine.data.hazard_taxonomy import CATEGORY_SLUGS
+
     merged: dict[str, dict] = {}
     for folds in runs:
         for fold in folds:
@@ -210,7 +212,8 @@ def merge_category_folds(runs: list[list[dict]]) -> list[dict]:
     for fold in merged.values():
         fold["seeds"] = dict(sorted(fold["seeds"].items(), key=lambda item: int(item[0])))
         summarise_fold(fold)
-    return list(merged.values())
+    order = {category: i for i, category in enumerate(CATEGORY_SLUGS)}  # the taxonomy's order, as one run prints
+    return sorted(merged.values(), key=lambda fold: order.get(fold["category"], len(order)))
 
 
 def _default_layer_of(model) -> int:
@@ -387,8 +390,10 @@ def merge_results(paths: list[str], out: str | None) -> int:
             raise SystemExit(f"--merge: cannot read {path}: {error}") from None
     merged = merge_category_folds([run.get("category_folds", []) for run in runs])
     seeds = sorted({int(seed) for fold in merged for seed in fold["seeds"]})
-    result = {**{k: v for k, v in runs[0].items() if k not in ("category_folds", "seeds")},
-              "category_folds": merged, "seeds": seeds, "merged_from": [str(p) for p in paths]}
+    models = sorted({str(run.get("model")) for run in runs})
+    result = {"model": models[0] if len(models) == 1 else models, "category_folds": merged, "seeds": seeds,
+              "runs": [{"path": str(path), **{k: v for k, v in run.items() if k not in ("category_folds", "folds")}}
+                       for path, run in zip(paths, runs)]}
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=1))

@@ -174,6 +174,8 @@ def test_merging_runs_split_over_processes_unions_seeds_and_filters(eval_teacher
     merged = json.loads(out.read_text())
     folds = {f["category"]: f for f in merged["category_folds"]}
     assert merged["seeds"] == [0, 1, 2] and merged["model"] == "m"
+    assert [run["path"] for run in merged["runs"]] == [str(p) for p in paths]
+    assert [f["category"] for f in merged["category_folds"]] == ["privacy", "hate"]  # the taxonomy's order
     hate = folds["hate"]
     assert set(hate["seeds"]["0"]) == {"test", "raw", "teacher"} and set(hate["seeds"]["1"]) == {"test", "raw"}
     assert hate["raw"]["seeds"] == 2 and hate["raw"]["recall"] == {"mean": 0.375, "worst": 0.25}

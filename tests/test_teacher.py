@@ -346,3 +346,29 @@ def test_config_round_trips_through_its_manifest():
     assert TeacherConfig.from_manifest(older).threshold_gap == TeacherConfig.threshold_gap
     before_data_seed = {k: v for k, v in config.manifest().items() if k != "data_seed"}
     assert TeacherConfig.from_manifest(before_data_seed).build_data_seed == config.seed  # built with seed's data
+
+
+def test_cli_taxonomy_builds_on_every_hazard_category(tmp_path, monkeypatch, capsys):
+    from refteacher.engine.cli import main
+    from refteacher.engine.data.hazard_taxonomy import CATEGORY_SLUGS
+    from refteacher.engine.teacher import command
+    from refteacher.engine.teacher.config import DEFAULT_SETS, TAXONOMY_SETS, TeacherResult
+    from refteacher.engine.teacher.training import default_records
+
+    seen = {}
+
+    def fake_train(model, harmful, harmless, out, config, progress):
+        seen.update(harmful=harmful, harmless=harmless)
+        return TeacherResult(path=out, layer=1, threshold=0.0, calibration={}, history=[], seconds=0.0)
+
+    monkeypatch.setattr(command, "train_teacher", fake_train)
+    assert main(["teacher", "--out", str(tmp_path / "t"), "--taxonomy", "--quiet"]) == 0
+    assert {r.category for r in seen["harmful"]} == set(CATEGORY_SLUGS)
+    assert {r.source for r in seen["harmful"] + seen["harmless"]} >= set(TAXONOMY_SETS) - {"matched_pairs"}
+    assert json.loads(capsys.readouterr().out)["held_out_test_prompts"] > 0
+    # the default build's held-out test prompts stay held out of the taxonomy build
+    default_test = {r.prompt for r in default_records(0.2, 0, DEFAULT_SETS)[2]}
+    assert not default_test & {r.prompt for r in seen["harmful"] + seen["harmless"]}
+    assert main(["teacher", "--out", str(tmp_path / "u"), "--taxonomy", "--harmful", "advbench",
+                 "--harmless", "everyday"]) == 2
+    assert "--taxonomy picks the built-in sets itself" in capsys.readouterr().err

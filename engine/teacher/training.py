@@ -488,9 +488,10 @@ def load_labelled(harmful: Sequence[str], harmless: Sequence[str]) -> tuple[list
     return harmful_records, harmless_records
 
 
-def default_records(test_fraction: float, seed: int) -> tuple[list, list, list]:
-    """The built-in sets, minus a held-out test split; return (harmful, harmless, test records)."""
-    records = [r for name in DEFAULT_SETS for r in load_prompt_set(name)]
+def default_records(test_fraction: float, seed: int, sets: Sequence[str] = DEFAULT_SETS) -> tuple[list, list, list]:
+    """The built-in ``sets`` (the default build's, or ``TAXONOMY_SETS``), minus a held-out test split;
+    return (harmful, harmless, test records)."""
+    records = [r for name in sets for r in load_prompt_set(name)]
     if test_fraction > 0:
         build, test = split_records(records, [1.0 - test_fraction, test_fraction], seed=seed + 1000)
     else:

@@ -134,6 +134,20 @@ class QuickstartConfig:
 # --------------------------------------------------------------------------------------------
 
 
+RUN_FILE = "run.json"  # a finished quickstart's settings, model, teacher and timings
+
+
+def read_run(out: str | Path) -> tuple[dict[str, Any], QuickstartConfig]:
+    """(the run.json details, the QuickstartConfig) of a finished quickstart in ``out``, for the
+    benchmarks that reuse its models; UserError when ``out`` holds no finished run."""
+    path = Path(out) / RUN_FILE
+    try:
+        details = json.loads(path.read_text())
+        return details, QuickstartConfig(**details["settings"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{out} is not a finished quickstart run (cannot read {path}: {error})") from None
+
+
 class StageClock:
     """Prints ``[i/N] name ...`` when a stage starts and its wall time when it ends; keeps the times."""
 
@@ -534,7 +548,7 @@ def run_quickstart(
                "total_seconds": round(time.perf_counter() - clock.started, 1),
                "torch_threads": torch.get_num_threads(),
                "finetune_seconds": {"sft": summary_sft["seconds"], "reft": summary_reft["seconds"]}}
-    (out / "run.json").write_text(json.dumps(details, indent=2) + "\n")
+    (out / RUN_FILE).write_text(json.dumps(details, indent=2) + "\n")
     if not quiet:
         print()
         print(table)

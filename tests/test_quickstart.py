@@ -158,3 +158,18 @@ def test_cli_flags_map_onto_the_config():
     args = parser.parse_args(["quickstart", "--steps", "7", "--lambda", "2.5", "--task", "multiplication"])
     assert args.out_dir == "runs/quickstart" and args.steps == 7 and args.lam == 2.5
     assert args.task == "multiplication" and callable(args.func)
+
+
+def test_a_finished_run_is_read_back_and_a_missing_one_named(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from refteacher.engine.errors import UserError
+    from refteacher.engine.quickstart import RUN_FILE, QuickstartConfig, read_run
+
+    config = QuickstartConfig(seed=3)
+    (tmp_path / RUN_FILE).write_text(json.dumps({"settings": asdict(config), "model": "m"}))
+    details, read = read_run(tmp_path)
+    assert read == config and details["model"] == "m"
+    with pytest.raises(UserError, match="not a finished quickstart run"):
+        read_run(tmp_path / "elsewhere")

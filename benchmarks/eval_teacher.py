@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import write_json
 
 FOLDS = ("in_dist", "no_harmbench", "no_matched")
 CATEGORY_FOLD = "no:"  # "no:hate" leaves the hate category out of building; "categories" means every one
@@ -391,12 +392,14 @@ def merge_results(paths: list[str], out: str | None) -> int:
     merged = merge_category_folds([run.get("category_folds", []) for run in runs])
     seeds = sorted({int(seed) for fold in merged for seed in fold["seeds"]})
     models = sorted({str(run.get("model")) for run in runs})
+    sources = []  # every run behind the result: a merged file contributes the runs it was merged from
+    for path, run in zip(paths, runs):
+        sources += run.get("runs") or [{"path": str(path), **{k: v for k, v in run.items()
+                                                               if k not in ("category_folds", "folds")}}]
     result = {"model": models[0] if len(models) == 1 else models, "category_folds": merged, "seeds": seeds,
-              "runs": [{"path": str(path), **{k: v for k, v in run.items() if k not in ("category_folds", "folds")}}
-                       for path, run in zip(paths, runs)]}
+              "runs": sources}
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=1))
+        write_json(out, result)
     print(category_table(merged))
     return 0
 
@@ -486,11 +489,9 @@ def main(argv=None) -> int:
             print(table(results[-1:]), flush=True)
     def save(category_results):
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(
-                {"model": args.model, "config": config.manifest(), "folds": results,
-                 "category_folds": category_results, "seeds": args.seeds, "torch_threads": torch.get_num_threads()},
-                indent=1))
+            write_json(args.json, {"model": args.model, "config": config.manifest(), "folds": results,
+                                   "category_folds": category_results, "seeds": args.seeds,
+                                   "torch_threads": torch.get_num_threads()})
 
     category_results = (run_category_folds(categories, taxonomy, args, config, args.model, save=save)
                         if categories else [])

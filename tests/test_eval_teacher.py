@@ -182,6 +182,12 @@ def test_merging_runs_split_over_processes_unions_seeds_and_filters(eval_teacher
     assert hate["raw"]["fpr_topic"]["worst"] == 0.05  # the highest false-positive rate is the worst
     assert hate["teacher"] == {"seeds": 1, **eval_teacher.summarise_seeds([figures(1.0)])}
     assert "raw" not in folds["privacy"] and folds["privacy"]["teacher"]["seeds"] == 1
+    # merging a merged file again keeps the runs it came from, not itself
+    again = tmp_path / "again.json"
+    assert eval_teacher.main(["--merge", str(out), str(paths[1]), "--json", str(again)]) == 0
+    remerged = json.loads(again.read_text())
+    assert [run["path"] for run in remerged["runs"]] == [str(p) for p in paths] + [str(paths[1])]
+    assert remerged["category_folds"] == merged["category_folds"]
 
 
 def test_merging_an_unreadable_file_exits_with_a_message(eval_teacher, tmp_path):

@@ -1,7 +1,8 @@
 """The README quality table: the raw difference-of-means feature of the untouched model against the
 trained ReFT teacher, in distribution, leave-one-source-out and leave-one-category-out, on prompts
-never used to build. The source folds use the default teacher's data (``teacher.config.DEFAULT_SETS``),
-the category folds every hazard category's (``TAXONOMY_SETS``).
+never used to build. The source folds use the default teacher's data (``teacher.config.DEFAULT_SETS``;
+with ``--taxonomy`` the ``--taxonomy`` build's), the category folds every hazard category's
+(``TAXONOMY_SETS``).
 
 Folds (test = 20% held-out split of every set, by content hash; pairs and templates stay together):
 
@@ -226,8 +227,8 @@ def _default_layer_of(model) -> int:
 
 def category_table(results) -> str:
     """Markdown table of the category folds: mean / worst over seeds for each filter."""
-    lines = ["| left out | filter | seeds | AUROC mean / worst | recall mean / worst | FPR topic mean / worst "
-             "| FPR everyday mean / worst |", "|---|---|---|---|---|---|---|"]
+    lines = [("| left out | filter | seeds | AUROC mean / worst | recall mean / worst | FPR topic mean / worst "
+             "| FPR everyday mean / worst |"), "|---|---|---|---|---|---|---|"]
 
     def cell(figures, key):
         f = figures.get(key)
@@ -335,7 +336,8 @@ def run_fold(fold, records, args, config, model_spec):
         result["build_threads"] = manifest.get("teacher", {}).get("torch_threads")
     else:
         started = time.perf_counter()
-        trained = train_teacher(model_spec, bh, bb, Path(args.work) / f"teacher-{fold}", config, model=model,
+        name = f"teacher-{fold}-taxonomy" if args.taxonomy else f"teacher-{fold}"
+        trained = train_teacher(model_spec, bh, bb, Path(args.work) / name, config, model=model,
                                 tokenizer=tokenizer, progress=True)
         result["build_seconds"] = round(time.perf_counter() - started, 1)
         path, layer, calibration = trained.path, trained.layer, trained.calibration
@@ -367,8 +369,8 @@ def run_fold(fold, records, args, config, model_spec):
 
 def table(results) -> str:
     """Markdown table of the fold results."""
-    lines = ["| fold | filter | AUROC | recall | FPR edgy_benign | FPR test harmless | refuses harmful | answers harmless "
-             "| answers everyday |",
+    lines = [("| fold | filter | AUROC | recall | FPR edgy_benign | FPR test harmless | refuses harmful | answers harmless "
+             "| answers everyday |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for name in ("baseline", "teacher"):
@@ -436,6 +438,9 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-seeds", default="0", help="seeds of those teacher builds")
     p.add_argument("--skip-raw", action="store_true",
                    help="category folds: train teachers only, no raw feature (a run beside a raw-only one)")
+    p.add_argument("--taxonomy", action="store_true",
+                   help="source folds (in_dist, no_harmbench, no_matched) build and test on the --taxonomy build's "
+                        "sets (TAXONOMY_SETS, as `refteacher teacher --taxonomy`) instead of the default build's")
     p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                    help="merge the category folds of these result files (runs split over processes or machines) "
                         "into --json and print the table; nothing is run")
@@ -485,11 +490,12 @@ def main(argv=None) -> int:
     results = []
     for fold in folds:
         if fold in FOLDS:
-            results.append(run_fold(fold, records, args, config, args.model))
+            results.append(run_fold(fold, taxonomy if args.taxonomy else records, args, config, args.model))
             print(table(results[-1:]), flush=True)
     def save(category_results):
         if args.json:
-            write_json(args.json, {"model": args.model, "config": config.manifest(), "folds": results,
+            write_json(args.json, {"model": args.model, "config": config.manifest(), "taxonomy": args.taxonomy,
+                                   "folds": results,
                                    "category_folds": category_results, "seeds": args.seeds,
                                    "torch_threads": torch.get_num_threads()})
 

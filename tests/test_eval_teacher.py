@@ -209,3 +209,24 @@ def test_a_teacher_only_run_skips_the_raw_feature(eval_teacher, tiny_model_dir, 
     assert "raw" not in fold and set(fold["seeds"]) == {"2"} and "raw" not in fold["seeds"]["2"]
     figures = fold["seeds"]["2"]["teacher"]
     assert fold["teacher"]["seeds"] == 1 and 0.0 <= figures["recall"] <= 1.0 and figures["build_seconds"] > 0
+
+
+@pytest.mark.parametrize("taxonomy", [False, True])
+def test_source_folds_build_on_the_taxonomy_sets_with_taxonomy(eval_teacher, monkeypatch, tmp_path, taxonomy):
+    from refteacher.engine.teacher.config import DEFAULT_SETS, TAXONOMY_SETS
+
+    seen = {}
+
+    def fake_run_fold(fold, records, args, config, model_spec):
+        seen["sets"] = {r.source.split(":")[0] for r in records}
+        _, _, test_harmful, _, _ = eval_teacher.fold_data(records, fold)
+        seen["test_sets"] = {r.source.split(":")[0] for r in test_harmful}
+        return {"fold": fold}
+
+    monkeypatch.setattr(eval_teacher, "run_fold", fake_run_fold)
+    monkeypatch.setattr(eval_teacher, "table", lambda results: "")
+    out = tmp_path / "in_dist.json"
+    assert eval_teacher.main(["--folds", "in_dist", "--json", str(out)] + (["--taxonomy"] if taxonomy else [])) == 0
+    assert seen["sets"] == set(TAXONOMY_SETS if taxonomy else DEFAULT_SETS)
+    assert ("pyrit_objectives" in seen["test_sets"]) == taxonomy  # the test split holds the taxonomy's own prompts
+    assert json.loads(out.read_text())["taxonomy"] is taxonomy

@@ -28,11 +28,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from harness import environment, format_table, write_json
+from harness import environment, format_table, quickstart_run, write_json
 
 from refteacher.engine.data.helpful_prompts import helpful_records, task_kind
 from refteacher.engine.data.tasks import make_rows
-from refteacher.engine.errors import UserError
 from refteacher.engine.evaluation.evaluate import load_for_eval
 from refteacher.engine.finetune.alignment import HELPFUL_ANSWER_TOKENS, alignment_rows, split_counts
 from refteacher.engine.modeling.loading import load_model, load_tokenizer, model_fingerprint
@@ -42,7 +41,6 @@ from refteacher.engine.quickstart import (
     evaluate_model,
     everyday_prompts,
     finetune,
-    read_run,
     split_harmful,
 )
 from refteacher.engine.storage import write_jsonl
@@ -93,10 +91,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     run = Path(args.run)
-    try:
-        details, config = read_run(run)
-    except UserError as error:
-        raise SystemExit(str(error)) from None
+    details, config = quickstart_run(run)
     model, teacher = details["model"], Path(details["teacher"])
     harmful, everyday, task = choice_sets(config, args.choice_harmful, args.choice_task)
     study = run / "study"

@@ -1,4 +1,5 @@
-"""Shared measuring tools for every benchmark: timing, peak memory, environment, JSON output.
+"""Shared measuring tools for every benchmark: timing, peak memory, environment, JSON output, and
+reading a finished quickstart run.
 
 Peak memory is measured the same way for both sides of a comparison:
 - CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before the call.
@@ -15,8 +16,9 @@ import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -165,6 +167,18 @@ def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def quickstart_run(out: str | os.PathLike) -> tuple[dict[str, Any], Any]:
+    """(the run.json details, the QuickstartConfig) of the finished quickstart in ``out``, for the
+    benchmarks that reuse its models; a wrong ``--run`` exits with the message, not a traceback."""
+    from refteacher.engine.errors import UserError
+    from refteacher.engine.quickstart import read_run
+
+    try:
+        return read_run(out)
+    except UserError as error:
+        raise SystemExit(str(error)) from None
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -16,13 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-from harness import environment, write_json
+from harness import environment, quickstart_run, write_json
 
 from refteacher.engine.data.tasks import make_rows
-from refteacher.engine.errors import UserError
 from refteacher.engine.evaluation.evaluate import load_for_eval, task_accuracy
 from refteacher.engine.metrics import paired_difference
-from refteacher.engine.quickstart import read_run
 
 RESULT = Path(__file__).parent / "results" / "task_accuracy_gap.json"
 SKIP_ROWS = 240  # the quickstart's eval rows (120) and the distillation study's choice rows (120)
@@ -37,10 +35,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     run = Path(args.run)
-    try:
-        details, config = read_run(run)
-    except UserError as error:
-        raise SystemExit(str(error)) from None
+    details, config = quickstart_run(run)
     rows = make_rows(config.task, "test", SKIP_ROWS + args.rows, seed=config.seed)[SKIP_ROWS:]
     result = {"environment": environment(), "run": str(run), "task": config.task, "rows": len(rows), "models": {}}
     correct = {}

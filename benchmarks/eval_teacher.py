@@ -228,7 +228,7 @@ def _default_layer_of(model) -> int:
 def category_table(results) -> str:
     """Markdown table of the category folds: mean / worst over seeds for each filter."""
     lines = [("| left out | filter | seeds | AUROC mean / worst | recall mean / worst | FPR topic mean / worst "
-             "| FPR everyday mean / worst |"), "|---|---|---|---|---|---|---|"]
+              "| FPR everyday mean / worst |"), "|---|---|---|---|---|---|---|"]
 
     def cell(figures, key):
         f = figures.get(key)
@@ -370,7 +370,7 @@ def run_fold(fold, records, args, config, model_spec):
 def table(results) -> str:
     """Markdown table of the fold results."""
     lines = [("| fold | filter | AUROC | recall | FPR edgy_benign | FPR test harmless | refuses harmful | answers harmless "
-             "| answers everyday |"),
+              "| answers everyday |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for name in ("baseline", "teacher"):
@@ -495,8 +495,7 @@ def main(argv=None) -> int:
     def save(category_results):
         if args.json:
             write_json(args.json, {"model": args.model, "config": config.manifest(), "taxonomy": args.taxonomy,
-                                   "folds": results,
-                                   "category_folds": category_results, "seeds": args.seeds,
+                                   "folds": results, "category_folds": category_results, "seeds": args.seeds,
                                    "torch_threads": torch.get_num_threads()})
 
     category_results = (run_category_folds(categories, taxonomy, args, config, args.model, save=save)

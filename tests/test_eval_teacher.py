@@ -105,21 +105,37 @@ def test_bad_eval_teacher_arguments_exit_with_a_message(eval_teacher, argv, mess
     (["elsewhere=."], "expected FOLD=TEACHER_DIR"),
     (["no_matched=/no/such/dir"], "expected FOLD=TEACHER_DIR"),
     (["no_matched=.", "--gaps", "0,high"], "--gaps takes numbers"),
+    (["no:no_such_category=."], "expected FOLD=TEACHER_DIR"),
+    (["no_matched=.", "--targets", "fpr=2"], "--targets takes build"),
+    (["no_matched=.", "--targets", "fpr"], "--targets takes build"),
+    (["no_matched=.", "--dev", "hate"], "no teacher given: no:hate"),
+    (["no_matched=.", "--dev", "no_matched"], "leave some to report"),
 ])
 def test_bad_threshold_rules_arguments_exit_with_a_message(argv, message):
     with pytest.raises(SystemExit, match=message):
         _script("threshold_rules").main(argv)
 
 
-def test_leave_one_category_out_folds_report_mean_and_worst_over_seeds(eval_teacher, tiny_model_dir, tmp_path,
-                                                                       monkeypatch):
-    monkeypatch.setenv("REFTEACHER_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "categories.json"
-    assert eval_teacher.main(["--model", str(tiny_model_dir), "--folds", "no:stereotyping,no:jailbreak",
-                              "--seeds", "0,1", "--teacher-folds", "stereotyping", "--threads", "1",
-                              "--set", "layer=2", "--set", "max_steps=1", "--set", "calib_max_harmful=100",
-                              "--work", str(tmp_path / "work"), "--json", str(out)]) == 0
-    folds = {f["category"]: f for f in json.loads(out.read_text())["category_folds"]}
+@pytest.fixture(scope="module")
+def category_run(eval_teacher, tiny_model_dir, tmp_path_factory):
+    """(result JSON, work folder) of eval_teacher on two category folds, seeds 0 and 1, with a
+    1-step teacher on each fold at seed 0."""
+    tmp = tmp_path_factory.mktemp("category_folds")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("REFTEACHER_CACHE", str(tmp / "cache"))
+    try:
+        out = tmp / "categories.json"
+        assert eval_teacher.main(["--model", str(tiny_model_dir), "--folds", "no:stereotyping,no:jailbreak",
+                                  "--seeds", "0,1", "--teacher-folds", "stereotyping,jailbreak", "--threads", "1",
+                                  "--set", "layer=2", "--set", "max_steps=1", "--set", "calib_max_harmful=100",
+                                  "--work", str(tmp / "work"), "--json", str(out)]) == 0
+        yield json.loads(out.read_text()), tmp / "work"
+    finally:
+        patch.undo()
+
+
+def test_leave_one_category_out_folds_report_mean_and_worst_over_seeds(category_run):
+    folds = {f["category"]: f for f in category_run[0]["category_folds"]}
     assert set(folds) == {"stereotyping", "jailbreak"}
     stereotyping = folds["stereotyping"]
     for seed in ("0", "1"):
@@ -134,6 +150,48 @@ def test_leave_one_category_out_folds_report_mean_and_worst_over_seeds(eval_teac
     jailbreak = folds["jailbreak"]["seeds"]["0"]  # held-out framings: no topic-matched harmless side
     assert jailbreak["test"]["harmful"] > 0 and jailbreak["test"]["topic_harmless"] == 0
     assert jailbreak["raw"]["fpr_topic"] is None
+
+
+def test_threshold_rules_on_category_folds_choose_on_dev_folds_and_report_the_others(category_run, tmp_path):
+    result, work = category_run
+    teachers = [f"no:{c}={work / f'teacher-{c}-0'}" for c in ("stereotyping", "jailbreak")]
+    argv = [*teachers, "--targets", "build,fpr=0.5", "--gaps", "0,none", "--dev", "stereotyping",
+            "--scores", str(tmp_path / "scores")]
+    rules = _script("threshold_rules")
+    assert rules.main([*argv, "--json", str(tmp_path / "rules.json")]) == 0
+    out = json.loads((tmp_path / "rules.json").read_text())
+    assert out["dev"] == ["no:stereotyping"] and out["report"] == ["no:jailbreak"]
+    assert out["first_rule"] == "build floor=0.0" and out["chosen"] in {r["rule"] for r in out["rows"]}
+    # the build's own rule gives each teacher its saved threshold and eval_teacher's figures
+    saved = {f["fold"]: f["seeds"]["0"]["teacher"] for f in result["category_folds"]}
+    for row in out["rows"]:
+        if row["rule"] == "build floor=0.0":
+            figures = saved[row["fold"]]
+            assert row["threshold"] == pytest.approx(figures["threshold"], abs=1e-6)
+            for key in ("recall", "fpr_topic", "fpr_everyday"):
+                assert row[key] == pytest.approx(figures[key]) if figures[key] is not None else row[key] is None
+        if row["rule"] == "fpr=0.5 floor=none":  # half the harmless calibration prompts flagged: a low threshold
+            assert row["threshold"] <= next(r["threshold"] for r in out["rows"]
+                                            if r["fold"] == row["fold"] and r["rule"] == "build floor=none")
+    assert {(s["folds"], s["rule"]) for s in out["summary"]} >= {("report", out["first_rule"]), ("report", out["chosen"])}
+    # a rerun reads the kept scores and gives the same rows
+    assert rules.main([*argv, "--json", str(tmp_path / "again.json")]) == 0
+    assert json.loads((tmp_path / "again.json").read_text())["rows"] == out["rows"]
+
+
+def test_rule_choice_counts_dev_folds_meeting_every_target_and_breaks_ties_by_order():
+    rules = _script("threshold_rules")
+
+    def row(fold, rule, recall, topic=0.0, everyday=0.0):
+        return {"fold": fold, "rule": rule, "recall": recall, "fpr_topic": topic, "fpr_everyday": everyday}
+
+    rows = [row("no:a", "first", 0.95), row("no:b", "first", 0.80), row("no:c", "first", 0.80),
+            row("no:a", "second", 0.99, topic=0.10), row("no:b", "second", 0.95), row("no:c", "second", 0.10),
+            row("no:a", "third", 0.95), row("no:b", "third", 0.95, everyday=0.06), row("no:c", "third", 0.99)]
+    assert rules.choose_rule(rows, ["first", "second", "third"], {"no:a", "no:b"}) == "first"  # 1, 1, 1: a tie
+    assert rules.choose_rule(rows, ["first", "second", "third"], {"no:a", "no:c"}) == "third"  # 1, 0, 2
+    assert rules.meets_targets(row("no:jailbreak", "x", 0.9, topic=None))  # a side the fold lacks
+    assert not rules.meets_targets({"fold": "no_harmbench", "recall": 0.95, "fpr_edgy": 0.2})
 
 
 def test_a_category_fold_leaves_the_whole_category_out_of_building(eval_teacher):

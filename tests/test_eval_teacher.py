@@ -179,6 +179,43 @@ def test_threshold_rules_on_category_folds_choose_on_dev_folds_and_report_the_ot
     assert json.loads((tmp_path / "again.json").read_text())["rows"] == out["rows"]
 
 
+def test_probing_a_fold_teacher_reads_other_layers_and_its_own_refusals(category_run, tmp_path):
+    result, work = category_run
+    probe = _script("probe_fold_teacher")
+    out = tmp_path / "probe.json"
+    teacher = f"no:stereotyping={work / 'teacher-stereotyping-0'}"
+    assert probe.main([teacher, "--layers", "1,4", "--refusals", "--sample", "20", "--answer-tokens", "4",
+                       "--json", str(out)]) == 0
+    probed = json.loads(out.read_text())
+    rows = {(r["layer"], r["direction"]): r for r in probed["layers"]}
+    assert set(rows) == {(1, "difference of means"), (2, "teacher feature"), (4, "difference of means")}
+    assert all(0.0 <= r[k] <= 1.0 for r in rows.values() for k in ("auroc", "recall", "fpr_topic", "fpr_everyday"))
+    saved = next(f for f in result["category_folds"] if f["category"] == "stereotyping")["seeds"]["0"]["teacher"]
+    # the teacher's feature at its own layer ranks the left-out prompts as eval_teacher did
+    assert rows[(2, "teacher feature")]["auroc"] == pytest.approx(saved["auroc"], abs=1e-3)
+    refusals = {r["side"]: r for r in probed["refusals"]}
+    assert [refusals[s]["prompts"] for s in ("test_harmful", "topic", "everyday")] == [45, 30, 62]
+    assert refusals["test_harmful"]["flagged"] == round(saved["recall"] * 45)  # the feature at the saved threshold
+    for r in refusals.values():
+        assert max(r["flagged"], r["refused"]) <= r["either"] <= r["flagged"] + r["refused"]
+        assert r["either"] - r["flagged"] == r["refused_unflagged"] == len(r["refused_unflagged_prompts"])
+    with pytest.raises(SystemExit, match="layers 1 to 4"):
+        probe.main([teacher, "--layers", "9"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["no:stereotyping=."], "nothing to probe"),
+    (["no_matched=.", "--refusals"], "expected no:CATEGORY=TEACHER_DIR"),
+    (["no:weather=.", "--refusals"], "expected no:CATEGORY=TEACHER_DIR"),
+    (["no:hate=/no/such/folder", "--refusals"], "existing folder"),
+    (["no:hate=.", "--layers", "a,b"], "--layers takes layer numbers"),
+    (["no:hate=.", "--refusals", "--answer-tokens", "0"], "--answer-tokens at least 1"),
+])
+def test_bad_probe_arguments_exit_with_a_message(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        _script("probe_fold_teacher").main(argv)
+
+
 def test_rule_choice_counts_dev_folds_meeting_every_target_and_breaks_ties_by_order():
     rules = _script("threshold_rules")
 

@@ -30,22 +30,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_teacher import CATEGORY_FOLD, category_figures, category_fold_data, prompt_records  # noqa: E402
 from harness import format_table, write_json  # noqa: E402
-from threshold_rules import CATEGORY_SIDES, _scored  # noqa: E402
+from threshold_rules import CATEGORY_SIDES, _scored, is_category_fold  # noqa: E402
 
 
-def layer_rows(fold: str, folder: str, records, layers: list[int], sample: int) -> list[dict]:
+def layer_rows(fold: str, teacher, records, layers: list[int], sample: int) -> list[dict]:
     """One row per layer in ``layers`` (difference of means) and one for the teacher's feature: the
-    threshold from the calibration sample and the fold's figures at it (``category_figures``)."""
+    threshold from the calibration sample and the fold's figures at it (``category_figures``).
+    ``teacher``: the fold's loaded ``Teacher``."""
     from refteacher.engine.modeling.forward import num_layers
-    from refteacher.engine.modeling.teacher_dir import load_teacher, read_manifest
     from refteacher.engine.teacher.calibration import calibrate
     from refteacher.engine.teacher.config import DEFAULT_TARGET_FPR, TeacherConfig
     from refteacher.engine.teacher.feature import collect_last_token_states, difference_of_means
     from refteacher.engine.teacher.training import teacher_data_for
     from refteacher.kernels.cosine import refusal_scores
 
-    manifest, _ = read_manifest(folder)
-    config = TeacherConfig.from_manifest(manifest["teacher"]["config"])
+    config = TeacherConfig.from_manifest(teacher.manifest["teacher"]["config"])
     bh, bb, *tests = category_fold_data(records, fold.removeprefix(CATEGORY_FOLD), config.seed)
     data = teacher_data_for(config, bh, bb)
     rng = random.Random(config.seed)
@@ -53,8 +52,7 @@ def layer_rows(fold: str, folder: str, records, layers: list[int], sample: int) 
              (("train_harmful", data.train_harmful), ("train_harmless", data.train_harmless),
               ("calib_harmful", data.calib_harmful), ("calib_harmless", data.calib_harmless))}
     sides.update({side: [r.prompt for r in rows] for side, rows in zip(CATEGORY_SIDES, tests)})
-    teacher = load_teacher(folder, device="cpu")
-    depth, feature_layer = num_layers(teacher.model), int(manifest["layer"])
+    depth, feature_layer = num_layers(teacher.model), teacher.layer
     too_deep = [layer for layer in layers if not 1 <= layer <= depth]
     if too_deep:
         raise SystemExit(f"--layers {too_deep}: the model has layers 1 to {depth}")
@@ -77,15 +75,13 @@ def layer_rows(fold: str, folder: str, records, layers: list[int], sample: int) 
     return rows
 
 
-def refusal_rows(fold: str, folder: str, records, scored: dict, answer_tokens: int) -> list[dict]:
+def refusal_rows(fold: str, teacher, records, scored: dict, answer_tokens: int) -> list[dict]:
     """Per test side: prompts, flagged by the feature at the saved threshold, refused by the teacher,
-    either, and the prompts refused but not flagged."""
+    either, and the prompts refused but not flagged. ``scored``: threshold_rules' scores of ``teacher``."""
     from refteacher.engine.judge import is_refusal
     from refteacher.engine.modeling.generation import generate
-    from refteacher.engine.modeling.teacher_dir import load_teacher
 
     tests = category_fold_data(records, fold.removeprefix(CATEGORY_FOLD), scored["seed"])[2:]
-    teacher = load_teacher(folder, device="cpu")
     rows = []
     for side, test_rows in zip(CATEGORY_SIDES, tests):
         prompts = [r.prompt for r in test_rows]
@@ -102,6 +98,7 @@ def refusal_rows(fold: str, folder: str, records, scored: dict, answer_tokens: i
 def main(argv=None) -> int:
     from refteacher.engine.data.hazard_taxonomy import CATEGORY_SLUGS
     from refteacher.engine.errors import UserError
+    from refteacher.engine.modeling.teacher_dir import load_teacher
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("teachers", nargs="+", metavar="no:CATEGORY=DIR", help="a category fold and its teacher")
@@ -125,8 +122,8 @@ def main(argv=None) -> int:
     pairs = []
     for item in args.teachers:
         fold, sep, folder = item.partition("=")
-        if not sep or fold.removeprefix(CATEGORY_FOLD) not in CATEGORY_SLUGS or not fold.startswith(CATEGORY_FOLD) \
-                or not Path(folder).is_dir():
+        known = is_category_fold(fold) and fold.removeprefix(CATEGORY_FOLD) in CATEGORY_SLUGS
+        if not sep or not known or not Path(folder).is_dir():
             raise SystemExit(f"expected {CATEGORY_FOLD}CATEGORY=TEACHER_DIR with a hazard category and an existing "
                              f"folder, got {item!r}")
         pairs.append((fold, folder))
@@ -136,11 +133,12 @@ def main(argv=None) -> int:
     result = {"layers": [], "refusals": []}
     for fold, folder in pairs:
         try:
+            teacher = load_teacher(folder, device="cpu")  # once for both probes
             if layers:
-                result["layers"] += layer_rows(fold, folder, taxonomy, layers, args.sample)
+                result["layers"] += layer_rows(fold, teacher, taxonomy, layers, args.sample)
             if args.refusals:
                 scored = _scored(fold, folder, taxonomy, Path(args.scores) if args.scores else None)
-                result["refusals"] += refusal_rows(fold, folder, taxonomy, scored, args.answer_tokens)
+                result["refusals"] += refusal_rows(fold, teacher, taxonomy, scored, args.answer_tokens)
         except UserError as error:
             raise SystemExit(f"{folder}: {error}") from None
     if result["layers"]:

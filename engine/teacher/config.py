@@ -16,11 +16,12 @@ from refteacher.engine.modeling.loading import DEFAULT_MODEL
 # talk about asked harmlessly, and everyday requests (so the teacher's helpful CE covers as much
 # ground as its refusals, and its threshold is calibrated on ordinary use).
 DEFAULT_SETS = ("advbench", "harmbench", "matched_pairs", "edgy_benign", "topic_harmless", "everyday")
-# Every hazard category on the harmful side as well: what benchmarks/eval_teacher.py's
-# leave-one-category-out folds build on. Not yet the default: a teacher built on it has not been
-# measured (docs/teacher_quality.md).
+# Every hazard category on the harmful side as well: what ``--taxonomy`` and benchmarks/eval_teacher.py's
+# leave-one-category-out folds build on. Not the default: its build takes about three times as long,
+# past the default's 10-minute budget (figures in docs/teacher_quality.md).
 TAXONOMY_SETS = DEFAULT_SETS + ("pyrit_objectives", "taxonomy_harmful", "jailbreak_framed")
 DEFAULT_TARGET_FPR = 0.05
+HARMFUL_SAMPLING = ("prompt", "category")
 DEFAULT_TEST_FRACTION = 0.2  # share of the built-in sets held out from a default build, for evaluation
 
 
@@ -46,6 +47,11 @@ class TeacherConfig:
     harmful_target: float = option(
         0.5, "harmful prompts are pushed above this cosine (a hinge; 1.0 pushes them all the way, which fits the "
              "training sets' style and generalises worse)")
+    harmful_sampling: str = option(
+        "prompt", "how harmful prompts are drawn for the feature loss, the refusals and the feature's reference "
+                  "sample: prompt (each prompt equally likely) or category (each hazard category equally likely, "
+                  "so small categories weigh as much as the large crime sets; tried on left-out categories and not "
+                  "adopted, docs/teacher_quality.md)", choices=HARMFUL_SAMPLING)
     refresh_every: int = option(10, "steps between re-estimates of the refusal feature from the teacher")
     reference_size: int = option(64, "prompts per class for each re-estimate of the feature")
     max_prompt_tokens: int = option(128, "prompt tokens kept (the last ones) in training and calibration")

@@ -65,7 +65,7 @@ from refteacher.engine.modeling.loading import load_model, load_tokenizer, model
 from refteacher.engine.modeling.prompt_states import PrefixCache, last_token_states, prompt_hidden
 from refteacher.engine.modeling.teacher_dir import save_teacher_dir
 from refteacher.engine.teacher.calibration import calibrate
-from refteacher.engine.teacher.config import DEFAULT_SETS, TeacherConfig, TeacherResult
+from refteacher.engine.teacher.config import DEFAULT_SETS, HARMFUL_SAMPLING, TeacherConfig, TeacherResult
 from refteacher.engine.teacher.feature import category_directions, difference_of_means
 from refteacher.engine.teacher.objective import anchor_loss, feature_loss, response_ce
 from refteacher.engine.teacher.refusals import refusal_for
@@ -85,6 +85,33 @@ def _encode(tokenizer, prompts: Sequence[str], max_tokens: int) -> list[list[int
     return encode_prompts(tokenizer, list(prompts), max_tokens=max_tokens)[0]
 
 
+def category_groups(categories: Sequence[str | None]) -> list[list[int]]:
+    """Indices of ``categories`` grouped by value (None is a group of its own), groups in first-seen order."""
+    groups: dict[str | None, list[int]] = {}
+    for i, category in enumerate(categories):
+        groups.setdefault(category, []).append(i)
+    return list(groups.values())
+
+
+def balanced_sample(rng: random.Random, groups: Sequence[Sequence[int]], count: int) -> list[int]:
+    """Up to ``count`` distinct indices drawn so that each group is equally likely, whatever its size.
+
+    The groups are visited in a shuffled order, round after round, taking a random member not yet
+    taken from each; a group runs dry when all its members are taken. Every index comes from ``groups``.
+    """
+    order = rng.sample(range(len(groups)), len(groups))
+    pools = [rng.sample(list(group), len(group)) for group in groups]
+    count = min(count, sum(len(pool) for pool in pools))
+    chosen: list[int] = []
+    for round_ in range(max((len(pool) for pool in pools), default=0)):
+        for g in order:
+            if len(chosen) == count:
+                return chosen
+            if round_ < len(pools[g]):
+                chosen.append(pools[g][round_])
+    return chosen
+
+
 class StepBatches(torch.utils.data.Dataset):
     """Item ``m``: micro-batch ``m``'s feature-loss prompts and CE examples, drawn from the seed alone.
 
@@ -93,28 +120,38 @@ class StepBatches(torch.utils.data.Dataset):
     a micro-batch does not depend on the ones before it, so a resumed run that skips the first
     micro-batches sees exactly what an uninterrupted one does. Read in order (a sequential sampler)
     with one item per micro-batch; without gradient accumulation micro-batch ``m`` is step ``m``.
+
+    ``harmful_groups`` (index lists into ``harmful_ids``, which ``ce_refusals`` follows one to one)
+    draws the harmful prompts and refusals group-balanced (``balanced_sample``) rather than uniformly.
     """
 
     def __init__(self, harmful_ids: list[list[int]], harmless_ids: list[list[int]], ce_refusals: list,
-                 ce_answers: list, *, feature_batch: int, ce_batch: int, seed: int, length: int):
+                 ce_answers: list, *, feature_batch: int, ce_batch: int, seed: int, length: int,
+                 harmful_groups: list[list[int]] | None = None):
         self.harmful_ids, self.harmless_ids = harmful_ids, harmless_ids
         self.ce_refusals, self.ce_answers = ce_refusals, ce_answers
         self.half_f, self.half_c = max(1, feature_batch // 2), max(1, ce_batch // 2)
         self.with_ce = ce_batch > 0 and bool(ce_refusals or ce_answers)
         self.seed, self.length = seed, length
+        self.harmful_groups = harmful_groups
+
+    def _harmful(self, rng: random.Random, count: int) -> list[int]:
+        if self.harmful_groups is None:
+            return rng.sample(range(len(self.harmful_ids)), min(count, len(self.harmful_ids)))
+        return balanced_sample(rng, self.harmful_groups, count)
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, m: int) -> dict:
         rng = random.Random(f"teacher-step-{self.seed}-{m}")
-        hb = rng.sample(range(len(self.harmful_ids)), min(self.half_f, len(self.harmful_ids)))
+        hb = self._harmful(rng, self.half_f)
         bb = rng.sample(range(len(self.harmless_ids)), min(self.half_f, len(self.harmless_ids)))
         item = {"prompt_ids": [self.harmful_ids[i] for i in hb] + [self.harmless_ids[i] for i in bb],
                 "n_harmful": len(hb), "ce_examples": []}
         if self.with_ce:
             refusals, answers = self.ce_refusals, self.ce_answers
-            chosen = [refusals[i] for i in rng.sample(range(len(refusals)), min(self.half_c, len(refusals)))]
+            chosen = [refusals[i] for i in self._harmful(rng, self.half_c)]
             chosen += [answers[i] for i in rng.sample(range(len(answers)), min(self.half_c, len(answers)))]
             item["ce_examples"] = chosen
         return item
@@ -279,9 +316,13 @@ def teacher_data_for(config: TeacherConfig, harmful_records: Sequence, harmless_
     )
 
 
-def _reference_sample(prompt_ids: list[list[int]], size: int, seed: int, tag: str) -> list[list[int]]:
+def _reference_sample(prompt_ids: list[list[int]], size: int, seed: int, tag: str,
+                      groups: list[list[int]] | None = None) -> list[list[int]]:
     rng = random.Random(f"reference-{tag}-{seed}")
-    chosen = rng.sample(range(len(prompt_ids)), min(size, len(prompt_ids)))
+    if groups is None:
+        chosen = rng.sample(range(len(prompt_ids)), min(size, len(prompt_ids)))
+    else:
+        chosen = balanced_sample(rng, groups, size)
     return [prompt_ids[i] for i in sorted(chosen)]
 
 
@@ -314,6 +355,8 @@ def train_teacher(
         raise UserError(f"--max-steps must be >= 0, got {config.max_steps}")
     if config.anchor_weight < 0:
         raise UserError(f"--anchor-weight must be >= 0, got {config.anchor_weight}")
+    if config.harmful_sampling not in HARMFUL_SAMPLING:
+        raise UserError(f"--harmful-sampling must be one of {', '.join(HARMFUL_SAMPLING)}, got {config.harmful_sampling!r}")
     if config.grad_accum < 1 or config.checkpoint_every < 1:
         raise UserError(f"--grad-accum and --checkpoint-every must be >= 1, got {config.grad_accum} "
                         f"and {config.checkpoint_every}")
@@ -353,7 +396,8 @@ def train_teacher(
     peft_model = get_peft_model(base, lora)
     peft_model.train()
 
-    ref_harmful = _reference_sample(harmful_ids, config.reference_size, config.seed, "harmful")
+    harmful_groups = category_groups(data.train_harmful_categories) if config.harmful_sampling == "category" else None
+    ref_harmful = _reference_sample(harmful_ids, config.reference_size, config.seed, "harmful", harmful_groups)
     ref_harmless = _reference_sample(harmless_ids, config.reference_size, config.seed, "harmless")
 
     def estimate_feature() -> torch.Tensor:
@@ -380,7 +424,7 @@ def train_teacher(
         trainer = _teacher_trainer(peft_model, refresh, config, layer, pad_id, checkpoints, progress,
                                    StepBatches(harmful_ids, harmless_ids, ce_refusals, ce_answers,
                                                feature_batch=config.feature_batch, ce_batch=config.ce_batch,
-                                               seed=config.seed, length=0))
+                                               seed=config.seed, length=0, harmful_groups=harmful_groups))
         trainer.train(resume_from_checkpoint=resume_from)
         if stop_after is not None and trainer.state.global_step < config.max_steps:
             _remove_lora(peft_model)

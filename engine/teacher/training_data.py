@@ -34,6 +34,7 @@ class TeacherData:
     ce_harmless: list[str]
     counts: dict = field(default_factory=dict)
     calib_harmful_categories: list[str | None] = field(default_factory=list)  # one per calib_harmful prompt
+    train_harmful_categories: list[str | None] = field(default_factory=list)  # one per train_harmful prompt
 
 
 def _split(records, calib_fraction: float, seed: int):
@@ -87,7 +88,8 @@ def build_teacher_data(
     templates = benign_prompts(template_harmless, seed=seed) if template_harmless > 0 else []
     n_template_calib = int(round(len(templates) * calib_fraction)) if calib_fraction > 0 else 0
     t_calib, t_train = templates[:n_template_calib], templates[n_template_calib:]
-    train_harmful, _ = _with_rephrasings([r.prompt for r in h_train], rephrase_per_prompt, seed)
+    train_harmful, train_categories = _with_rephrasings([r.prompt for r in h_train], rephrase_per_prompt, seed,
+                                                        tags=[getattr(r, "category", None) for r in h_train])
     train_harmless = _with_rephrasings([r.prompt for r in b_train], rephrase_per_prompt, seed)[0] + t_train
     calib_harmful, calib_categories = _with_rephrasings([r.prompt for r in h_calib], calib_rephrase, seed + 1,
                                                         tags=[getattr(r, "category", None) for r in h_calib])
@@ -104,7 +106,8 @@ def build_teacher_data(
         "calib_harmful": len(calib_harmful), "calib_harmless": len(calib_harmless),
         "template_harmless": len(templates), "ce_harmless": len(ce),
     }
-    return TeacherData(train_harmful, train_harmless, calib_harmful, calib_harmless, ce, counts, calib_categories)
+    return TeacherData(train_harmful, train_harmless, calib_harmful, calib_harmless, ce, counts, calib_categories,
+                       train_categories)
 
 
 def cached_answers(

@@ -256,6 +256,25 @@ def test_bad_layer_or_anchor_weight_is_a_user_error(tiny_model_dir, tmp_path):
                       model=model, tokenizer=tokenizer, progress=False)
 
 
+def test_category_sampling_builds_on_categorised_prompts_and_needs_them(tiny_model_dir, tmp_path):
+    from dataclasses import replace
+
+    from refteacher.engine.errors import UserError
+
+    harmful, harmless = _records()
+    categorised = [replace(r, category="weapons" if i < 2 else "crimes") for i, r in enumerate(harmful)]
+    model, tokenizer = _load(tiny_model_dir)
+    result = train_teacher(str(tiny_model_dir), categorised, harmless, tmp_path / "t",
+                           _config(max_steps=3, harmful_sampling="category"), model=model, tokenizer=tokenizer,
+                           progress=False)
+    assert len(result.history) == 3
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    assert manifest["teacher"]["config"]["harmful_sampling"] == "category"
+    with pytest.raises(UserError, match="--harmful-sampling category needs hazard categories"):
+        train_teacher(str(tiny_model_dir), harmful, harmless, tmp_path / "u", _config(harmful_sampling="category"),
+                      model=model, tokenizer=tokenizer, progress=False)
+
+
 def test_cli_builds_a_teacher_from_user_files(tiny_model_dir, tmp_path, capsys):
     import argparse
 

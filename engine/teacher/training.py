@@ -377,6 +377,12 @@ def train_teacher(
     data = teacher_data_for(config, harmful_records, harmless_records)
     if not data.calib_harmful or not data.calib_harmless:
         raise UserError("the calibration split is empty; give more prompts or a larger --calib-fraction")
+    harmful_groups = None
+    if config.harmful_sampling == "category":
+        if not any(data.train_harmful_categories):
+            raise UserError("--harmful-sampling category needs hazard categories on the harmful prompts: the built-in "
+                            "sets carry them (`refteacher teacher --help` lists them), prompt files do not")
+        harmful_groups = category_groups(data.train_harmful_categories)
     answers = cached_answers(model, tokenizer, data.ce_harmless, model_hash=model_hash,
                              max_new_tokens=config.answer_tokens, progress=progress)
     harmful_ids = _encode(tokenizer, data.train_harmful, config.max_prompt_tokens)
@@ -396,7 +402,6 @@ def train_teacher(
     peft_model = get_peft_model(base, lora)
     peft_model.train()
 
-    harmful_groups = category_groups(data.train_harmful_categories) if config.harmful_sampling == "category" else None
     ref_harmful = _reference_sample(harmful_ids, config.reference_size, config.seed, "harmful", harmful_groups)
     ref_harmless = _reference_sample(harmless_ids, config.reference_size, config.seed, "harmless")
 

@@ -31,6 +31,19 @@ def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def parse_bool(text: str) -> bool:
+    """``true/yes/on/1`` -> True, ``false/no/off/0`` -> False (any case); ValueError otherwise.
+
+    ``bool(text)`` would read every non-empty text, ``"false"`` included, as True.
+    """
+    value = text.strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
 def _is_list(annotation: Any) -> bool:
     """True for ``list[X]`` and ``list[X] | None``."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -40,7 +53,10 @@ def _is_list(annotation: Any) -> bool:
 
 def text_parser(annotation: Any) -> Any:
     """The callable that turns command-line text into a value of ``annotation``: ``int``, ``float``,
-    ``str``, ``bool``; ``X | None`` and ``list[X]`` give X's, ``tuple[str, ...]`` a comma-separated list."""
+    ``str``, ``bool`` (``parse_bool``); ``X | None`` and ``list[X]`` give X's, ``tuple[str, ...]`` a
+    comma-separated list."""
+    if annotation is bool:
+        return parse_bool
     if typing.get_origin(annotation) is list:
         return typing.get_args(annotation)[0]
     if typing.get_origin(annotation) is tuple:
@@ -62,7 +78,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, *,
         kind = text_parser(hints[field.name])
         flag = meta.get("flag") or "--" + field.name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": field.name, "help": meta.get("help", "")}
-        if kind is bool:
+        if kind is parse_bool:  # a switch, not an option taking text
             kwargs["action"] = "store_false" if field.default is True else "store_true"
         elif _is_list(hints[field.name]):  # --name A B, or --name A --name B
             kwargs.update(nargs="+", action="extend", type=kind)

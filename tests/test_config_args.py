@@ -67,3 +67,14 @@ def test_list_fields_take_several_values_and_repeat():
     args = parser.parse_args(["--harmful", "a", "b", "--harmful", "c", "--harmless", "d"])
     config = config_from_args(FeatureConfig, args)
     assert config.harmful == ["a", "b", "c"] and config.harmless == ["d"]
+
+
+def test_bool_text_parses_both_ways():
+    from refteacher.engine.config_args import parse_bool, text_parser
+
+    assert text_parser(bool) is parse_bool and text_parser(bool | None) is parse_bool
+    assert [parse_bool(t) for t in ("true", "Yes", " on ", "1")] == [True] * 4
+    assert [parse_bool(t) for t in ("false", "NO", "off", "0")] == [False] * 4  # bool("false") would be True
+    for text in ("", "maybe", "2"):
+        with pytest.raises(ValueError):
+            parse_bool(text)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from refteacher.engine.config_args import option, text_parser
+from refteacher.engine.config_args import option, parse_bool, text_parser
 from refteacher.engine.errors import UserError
 from refteacher.engine.modeling.loading import DEFAULT_MODEL
 
@@ -99,7 +99,8 @@ class TeacherConfig:
         try:
             value = parse(text)
         except ValueError:
-            raise UserError(f"{key}: {text!r} is not a valid {getattr(parse, '__name__', parse)}") from None
+            name = "bool" if parse is parse_bool else getattr(parse, "__name__", parse)
+            raise UserError(f"{key}: {text!r} is not a valid {name}") from None
         setattr(self, key, value)
 
     @property

@@ -1,8 +1,8 @@
 """The README quality table: the raw difference-of-means feature of the untouched model against the
 trained ReFT teacher, in distribution, leave-one-source-out and leave-one-category-out, on prompts
-never used to build. The source folds use the default teacher's data (``teacher.config.DEFAULT_SETS``;
-with ``--taxonomy`` the ``--taxonomy`` build's), the category folds every hazard category's
-(``TAXONOMY_SETS``).
+never used to build. The source folds use the default teacher's data and settings
+(``teacher.config.DEFAULT_SETS``; with ``--taxonomy`` the ``--taxonomy`` build's: ``TAXONOMY_SETS``
+and ``TAXONOMY_DEFAULTS``), the category folds always the ``--taxonomy`` build's.
 
 Folds (test = 20% held-out split of every set, by content hash; pairs and templates stay together):
 
@@ -442,7 +442,7 @@ def main(argv=None) -> int:
     from refteacher.engine.data.hazard_taxonomy import CATEGORY_SLUGS
     from refteacher.engine.errors import UserError
     from refteacher.engine.modeling.loading import DEFAULT_MODEL
-    from refteacher.engine.teacher.config import TeacherConfig
+    from refteacher.engine.teacher.config import TAXONOMY_DEFAULTS, TeacherConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -471,7 +471,8 @@ def main(argv=None) -> int:
                    help="category folds: train teachers only, no raw feature (a run beside a raw-only one)")
     p.add_argument("--taxonomy", action="store_true",
                    help="source folds (in_dist, no_harmbench, no_matched) build and test on the --taxonomy build's "
-                        "sets (TAXONOMY_SETS, as `refteacher teacher --taxonomy`) instead of the default build's")
+                        "sets (TAXONOMY_SETS) with its settings (TAXONOMY_DEFAULTS), as `refteacher teacher "
+                        "--taxonomy`, instead of the default build's; category folds always do")
     p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                    help="merge the category folds of these result files (runs split over processes or machines) "
                         "into --json and print the table; nothing is run")
@@ -480,6 +481,11 @@ def main(argv=None) -> int:
         return merge_results(args.merge, args.json)
     args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     args.teacher_seeds = [int(x) for x in args.teacher_seeds.split(",") if x.strip()]
+    folds = [f.strip() for f in args.folds.split(",") if f.strip()]
+    category_folds = [f for f in folds if f.startswith(CATEGORY_FOLD) or f == "categories"]
+    if category_folds and not args.taxonomy and len(category_folds) < len(folds):
+        raise SystemExit("category folds build on the --taxonomy sets and settings: add --taxonomy to build the "
+                         "source folds that way too, or run the two apart")
     if args.teacher:
         from refteacher.engine.modeling.teacher_dir import read_manifest
 
@@ -494,7 +500,8 @@ def main(argv=None) -> int:
             raise SystemExit(str(error)) from None
         args.model, config = manifest["model"], TeacherConfig.from_manifest(manifest["teacher"]["config"])
     else:
-        config = TeacherConfig(seed=0 if args.seed is None else args.seed, threads=args.threads)
+        taxonomy_settings = TAXONOMY_DEFAULTS if args.taxonomy or category_folds else {}
+        config = TeacherConfig(seed=0 if args.seed is None else args.seed, threads=args.threads, **taxonomy_settings)
     if args.quick:
         config.max_steps, args.generate = 4, min(args.generate, 8)
     for item in args.set:
@@ -508,7 +515,6 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     records, taxonomy = prompt_records()
-    folds = [f.strip() for f in args.folds.split(",") if f.strip()]
     categories = [f.removeprefix(CATEGORY_FOLD) for f in folds if f.startswith(CATEGORY_FOLD)]
     if "categories" in folds:
         categories = list(CATEGORY_SLUGS)

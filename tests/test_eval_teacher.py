@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from refteacher.engine.teacher.config import TAXONOMY_DEFAULTS
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -94,6 +96,7 @@ def test_threshold_rules_rebuild_the_teachers_own_threshold(fold_run, tmp_path):
     (["--folds", "in_dist", "--teacher", "somewhere", "--seed", "1"], "drop --set, --seed and --quick"),
     (["--folds", "in_dist", "--teacher", "somewhere", "--seed", "0"], "drop --set, --seed and --quick"),
     (["--folds", "in_dist", "--teacher", "/no/such/teacher"], "not a teacher directory"),
+    (["--folds", "in_dist,no:hate"], "category folds build on the --taxonomy sets and settings"),
 ])
 def test_bad_eval_teacher_arguments_exit_with_a_message(eval_teacher, argv, message):
     with pytest.raises(SystemExit, match=message):
@@ -137,6 +140,7 @@ def category_run(eval_teacher, tiny_model_dir, tmp_path_factory):
 def test_leave_one_category_out_folds_report_mean_and_worst_over_seeds(category_run):
     folds = {f["category"]: f for f in category_run[0]["category_folds"]}
     assert set(folds) == {"stereotyping", "jailbreak"}
+    assert category_run[0]["config"]["lora_rank"] == TAXONOMY_DEFAULTS["lora_rank"]  # built as --taxonomy builds
     stereotyping = folds["stereotyping"]
     for seed in ("0", "1"):
         entry = stereotyping["seeds"][seed]

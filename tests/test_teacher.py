@@ -325,6 +325,21 @@ def test_cli_defaults_are_the_configs():
     assert (config.seed, config.data_seed, config.build_data_seed) == (3, 1, 1)
 
 
+def test_cli_taxonomy_changes_defaults_not_given_values():
+    from refteacher.engine.cli import build_parser
+    from refteacher.engine.teacher.command import config_from_args
+    from refteacher.engine.teacher.config import TAXONOMY_DEFAULTS
+
+    def config(*flags):
+        return config_from_args(build_parser().parse_args(["teacher", "--out", "t", *flags]))
+
+    assert config("--taxonomy") == TeacherConfig(**TAXONOMY_DEFAULTS)
+    assert (config("--taxonomy", "--lora-rank", "8").lora_rank, config("--taxonomy", "--lora-rank", "8").lora_alpha) \
+        == (8, TAXONOMY_DEFAULTS["lora_alpha"])
+    assert config("--lora-alpha", "4").lora_alpha == 4.0 and config("--lora-alpha", "4").lora_rank == TeacherConfig.lora_rank
+    assert isinstance(config("--lora-rank", "4").lora_rank, int)
+
+
 def test_data_seed_picks_the_data_alone():
     """The build data follows data_seed (seed when None); the training seed does not move it."""
     from refteacher.engine.teacher.training import teacher_data_for
@@ -377,12 +392,13 @@ def test_cli_taxonomy_builds_on_every_hazard_category(tmp_path, monkeypatch, cap
     seen = {}
 
     def fake_train(model, harmful, harmless, out, config, progress):
-        seen.update(harmful=harmful, harmless=harmless)
+        seen.update(harmful=harmful, harmless=harmless, config=config)
         return TeacherResult(path=out, layer=1, threshold=0.0, calibration={}, history=[], seconds=0.0)
 
     monkeypatch.setattr(command, "train_teacher", fake_train)
     assert main(["teacher", "--out", str(tmp_path / "t"), "--taxonomy", "--quiet"]) == 0
     assert {r.category for r in seen["harmful"]} == set(CATEGORY_SLUGS)
+    assert seen["config"].lora_rank == 16 and seen["config"].lora_alpha == 32.0
     assert {r.source for r in seen["harmful"] + seen["harmless"]} >= set(TAXONOMY_SETS) - {"matched_pairs"}
     assert json.loads(capsys.readouterr().out)["held_out_test_prompts"] > 0
     # the default build's held-out test prompts stay held out of the taxonomy build

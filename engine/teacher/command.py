@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -14,6 +15,7 @@ from refteacher.engine.modeling.loading import DEFAULT_MODEL, load_model, load_t
 from refteacher.engine.teacher.config import (
     DEFAULT_SETS,
     DEFAULT_TEST_FRACTION,
+    TAXONOMY_DEFAULTS,
     TAXONOMY_SETS,
     FeatureConfig,
     TeacherConfig,
@@ -70,14 +72,16 @@ def run_feature_cli(args) -> int:
 def config_from_args(args: argparse.Namespace) -> TeacherConfig:
     """Return the TeacherConfig that ``refteacher teacher``'s parsed arguments ask for.
 
-    ``--target-recall`` replaces the false-positive rule. Raises UserError for a threshold target
-    out of range.
+    ``--target-recall`` replaces the false-positive rule; ``--taxonomy`` changes the defaults of the
+    options in TAXONOMY_DEFAULTS (those not given). Raises UserError for a threshold target out of range.
     """
     if args.target_fpr is not None and not 0.0 <= args.target_fpr < 1.0:
         raise UserError(f"--target-fpr must be in [0, 1), got {args.target_fpr}")
     if args.target_recall is not None and not 0.0 < args.target_recall <= 1.0:
         raise UserError(f"--target-recall must be in (0, 1], got {args.target_recall}")
     overrides = {"target_fpr": None} if args.target_recall is not None else {}
+    defaults = TAXONOMY_DEFAULTS if args.taxonomy else {name: getattr(TeacherConfig, name) for name in TAXONOMY_DEFAULTS}
+    overrides.update({name: value for name, value in defaults.items() if getattr(args, name) is None})
     return config_args.config_from_args(TeacherConfig, args, **overrides)
 
 
@@ -136,8 +140,14 @@ def add_teacher_cli(subparsers) -> None:
                    help="built-in data held out from building")
     p.add_argument("--taxonomy", action="store_true",
                    help="build on every hazard category: the default sets plus the red-team objectives, the "
-                        "project's per-category requests and jailbreak framings (about 3x the default build's "
-                        "time on CPU; docs/teacher_quality.md)")
-    add_config_arguments(p, TeacherConfig)
+                        "project's per-category requests and jailbreak framings, with a rank-16 adapter (about 3x "
+                        "the default build's time on CPU; docs/teacher_quality.md)")
+    add_config_arguments(p, TeacherConfig, skip=tuple(TAXONOMY_DEFAULTS))
+    # The options whose default --taxonomy changes default to None, so a value given wins either way.
+    help_of = {field.name: field.metadata["help"] for field in dataclasses.fields(TeacherConfig)}
+    for name, taxonomy_value in TAXONOMY_DEFAULTS.items():
+        default = getattr(TeacherConfig, name)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=type(default), default=None,
+                       help=f"{help_of[name]} (default: {default}; {taxonomy_value} with --taxonomy)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_teacher)

@@ -20,8 +20,9 @@ from refteacher.engine.filter.scoring import FilterOptions, score_prompts
 from refteacher.engine.filter.shards import find_shard_dirs, merge_shards, shard_from_env
 from refteacher.engine.modeling.teacher_dir import load_teacher
 
+from filter_rows import make_prompt, write_rows
+
 OUTPUTS = ("kept.jsonl", "flagged.jsonl", "rejected.jsonl")
-WORDS = "how can I make a cake bomb garden code virus poem river build steal learn quickly please".split()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,28 +37,6 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def teacher(tiny_teacher_dir):
     return load_teacher(tiny_teacher_dir, device="cpu")
-
-
-def make_prompt(i: int) -> str:
-    """A deterministic prompt of varying length (3..30 words)."""
-    n = 3 + (i * 7) % 28
-    return " ".join(WORDS[(i * 3 + k * 5) % len(WORDS)] for k in range(n)) + f" #{i}"
-
-
-def write_dataset(path: Path, n: int, *, bad_every: int = 0) -> Path:
-    """JSONL of ``n`` rows: plain prompts, some chat rows, and (if ``bad_every``) broken lines."""
-    lines = []
-    for i in range(n):
-        if bad_every and i % bad_every == bad_every - 1:
-            lines.append(b"{broken json" if i % 2 else b'{"prompt": ""}')
-        elif i % 5 == 0:
-            chat = [{"role": "user", "content": make_prompt(i)}, {"role": "assistant", "content": "sure"},
-                    {"role": "user", "content": make_prompt(i + 1)}]
-            lines.append(json.dumps({"messages": chat, "n": i}).encode())
-        else:
-            lines.append(json.dumps({"prompt": make_prompt(i), "n": i}).encode())
-    path.write_bytes(b"\n".join(lines) + b"\n")
-    return path
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -75,7 +54,7 @@ def naive_score(teacher, prompt) -> float:
 
 
 def test_scores_match_a_naive_full_forward(teacher, tmp_path):
-    path = write_dataset(tmp_path / "in.jsonl", 23)
+    path = write_rows(tmp_path / "in.jsonl", 23)
     options = FilterOptions(batch_tokens=200, window_rows=8)
     verdicts = list(iter_verdicts(teacher, str(path), options))
     rows = read_jsonl(path)
@@ -116,14 +95,14 @@ def test_a_window_runs_its_shared_prefix_once(teacher):
 
 
 def test_packed_batches_score_like_padded_ones(teacher, tmp_path):
-    path = write_dataset(tmp_path / "in.jsonl", 17)
+    path = write_rows(tmp_path / "in.jsonl", 17)
     padded = [v.score for v in iter_verdicts(teacher, str(path), FilterOptions(batch_tokens=300, packed=False))]
     packed = [v.score for v in iter_verdicts(teacher, str(path), FilterOptions(batch_tokens=300, packed=True))]
     assert packed == pytest.approx(padded, abs=1e-5)
 
 
 def test_run_filter_writes_ordered_files_and_a_consistent_report(teacher, tmp_path):
-    path = write_dataset(tmp_path / "in.jsonl", 61, bad_every=9)
+    path = write_rows(tmp_path / "in.jsonl", 61, bad_every=9)
     out = tmp_path / "out"
     options = FilterOptions(batch_tokens=256, window_rows=16, max_prompt_tokens=50)
     report = run_filter(teacher, open_source(str(path)), out, options, progress=False)
@@ -156,7 +135,7 @@ def test_run_filter_writes_ordered_files_and_a_consistent_report(teacher, tmp_pa
 
 
 def test_threshold_override_moves_rows(teacher, tmp_path):
-    path = write_dataset(tmp_path / "in.jsonl", 20)
+    path = write_rows(tmp_path / "in.jsonl", 20)
     scores = [v.score for v in iter_verdicts(teacher, str(path))]
     middle = sorted(scores)[10]
     report = run_filter(teacher, open_source(str(path)), tmp_path / "out", FilterOptions(threshold=middle),
@@ -166,7 +145,7 @@ def test_threshold_override_moves_rows(teacher, tmp_path):
 
 
 def test_scoring_error_fails_closed(teacher, tmp_path, monkeypatch):
-    path = write_dataset(tmp_path / "in.jsonl", 40)
+    path = write_rows(tmp_path / "in.jsonl", 40)
     real = filter_module.refusal_scores
     calls = {"n": 0}
 
@@ -194,7 +173,7 @@ def test_scoring_error_fails_closed(teacher, tmp_path, monkeypatch):
 
 
 def test_a_failing_prefix_cache_rejects_its_window(teacher, tmp_path, monkeypatch):
-    path = write_dataset(tmp_path / "in.jsonl", 12)
+    path = write_rows(tmp_path / "in.jsonl", 12)
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated prefix failure")
@@ -208,7 +187,7 @@ def test_a_failing_prefix_cache_rejects_its_window(teacher, tmp_path, monkeypatc
 
 
 def test_existing_results_need_resume_or_overwrite(teacher, tmp_path):
-    path = write_dataset(tmp_path / "in.jsonl", 5)
+    path = write_rows(tmp_path / "in.jsonl", 5)
     out = tmp_path / "out"
     run_filter(teacher, open_source(str(path)), out, progress=False, plot=False)
     with pytest.raises(UserError, match="--resume"):
@@ -220,7 +199,7 @@ def test_existing_results_need_resume_or_overwrite(teacher, tmp_path):
 
 
 def test_shards_merge_into_the_single_run_files(teacher, tmp_path):
-    path = write_dataset(tmp_path / "in.jsonl", 53, bad_every=7)
+    path = write_rows(tmp_path / "in.jsonl", 53, bad_every=7)
     options = FilterOptions(batch_tokens=256, window_rows=6)
     single = tmp_path / "single"
     run_filter(teacher, open_source(str(path)), single, options, progress=False, plot=False)
@@ -264,7 +243,7 @@ def cli_command(*args: str) -> list[str]:
 
 
 def test_resume_after_kill_matches_an_uninterrupted_run(teacher, tiny_teacher_dir, tmp_path):
-    path = write_dataset(tmp_path / "in.jsonl", 1200, bad_every=97)
+    path = write_rows(tmp_path / "in.jsonl", 1200, bad_every=97)
     args = ["--batch-tokens", "512", "--window-rows", "20", "--no-progress", "--threads", "1"]
     out = tmp_path / "killed"
     command = cli_command("filter", "--teacher", str(tiny_teacher_dir), "--input", str(path),
@@ -348,7 +327,7 @@ def test_flagged_rows_name_the_nearest_category_and_the_report_counts_them(teach
     with_categories, directions = category_teacher
     assert with_categories.categories == ("hate", "privacy", "jailbreak")
     assert with_categories.score_features().shape == (4, teacher.feature.numel())
-    path = write_dataset(tmp_path / "in.jsonl", 40)
+    path = write_rows(tmp_path / "in.jsonl", 40)
     options = FilterOptions(batch_tokens=256, window_rows=16)
     plain = run_filter(teacher, open_source(str(path)), tmp_path / "plain", options, progress=False)
     report = run_filter(with_categories, open_source(str(path)), tmp_path / "cat", options, progress=False)

@@ -26,8 +26,9 @@ from refteacher.engine.filter.run import run_filter  # noqa: E402
 from refteacher.engine.filter.scoring import FilterOptions  # noqa: E402
 from refteacher.engine.modeling.teacher_dir import load_teacher  # noqa: E402
 
+from filter_rows import make_prompt, write_rows  # noqa: E402
+
 STATUSES = ("kept", "flagged", "rejected")
-WORDS = "how can I make a cake bomb garden code virus poem river build steal learn quickly please".split()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,30 +48,6 @@ def teacher(tiny_teacher_dir):
     return load_teacher(tiny_teacher_dir, device="cpu")
 
 
-def make_prompt(i: int) -> str:
-    """A deterministic prompt of 3..30 words."""
-    n = 3 + (i * 7) % 28
-    return " ".join(WORDS[(i * 3 + k * 5) % len(WORDS)] for k in range(n)) + f" #{i}"
-
-
-def write_jsonl(path: Path, n: int) -> Path:
-    """``n`` rows: plain prompts, chat rows, blank lines, and malformed rows (broken JSON, empty prompt)."""
-    lines = []
-    for i in range(n):
-        if i % 9 == 8:
-            lines.append(b"{broken json" if i % 2 else b'{"prompt": ""}')
-        elif i % 5 == 0:
-            chat = [{"role": "user", "content": make_prompt(i)}, {"role": "assistant", "content": "sure"},
-                    {"role": "user", "content": make_prompt(i + 1)}]
-            lines.append(json.dumps({"messages": chat, "n": i}).encode())
-        else:
-            lines.append(json.dumps({"prompt": make_prompt(i), "n": i}).encode())
-        if i % 17 == 3:
-            lines.append(b"   ")  # a blank line is no row, but it moves the line numbers (ids)
-    path.write_bytes(b"\n".join(lines) + b"\n")
-    return path
-
-
 def read_outputs(folder: Path) -> dict[str, list[dict]]:
     return {s: [json.loads(line) for line in (folder / f"{s}.jsonl").read_text().splitlines()] for s in STATUSES}
 
@@ -86,7 +63,7 @@ def assert_same_verdicts(single: dict[str, list[dict]], other: dict[str, list[di
 
 
 def test_ray_engine_gives_the_single_filters_verdicts(teacher, tiny_teacher_dir, tmp_path):
-    path = write_jsonl(tmp_path / "in.jsonl", 70)
+    path = write_rows(tmp_path / "in.jsonl", 70, bad_every=9, blank_lines=True)
     options = FilterOptions(batch_tokens=256, window_rows=8, max_prompt_tokens=50)
     single = run_filter(teacher, open_source(str(path)), tmp_path / "single", options, progress=False, plot=False)
     report = run_filter_ray(tiny_teacher_dir, open_source(str(path)), tmp_path / "ray", options, workers=2,
@@ -128,7 +105,7 @@ class KilledOnceScorer(TeacherBatchScorer):
 
 
 def test_a_worker_killed_mid_run_is_retried_without_loss_or_duplicates(teacher, tiny_teacher_dir, tmp_path):
-    path = write_jsonl(tmp_path / "in.jsonl", 120)
+    path = write_rows(tmp_path / "in.jsonl", 120, bad_every=9, blank_lines=True)
     options = FilterOptions(window_rows=10)
     marker = tmp_path / "killed.pid"
 
@@ -215,7 +192,7 @@ def test_cli_parquet_in_parquet_out(teacher, tiny_teacher_dir, tmp_path, capsys)
     assert "--resume is for --engine single" in capsys.readouterr().err
     assert cli_main(args[:7] + ["--workers", "2"]) == 2
     assert "--workers needs --engine ray" in capsys.readouterr().err
-    jsonl = write_jsonl(tmp_path / "in.jsonl", 3)
+    jsonl = write_rows(tmp_path / "in.jsonl", 3, bad_every=9, blank_lines=True)
     assert cli_main(args[:4] + [str(jsonl), "--out-dir", str(tmp_path / "o2"), "--engine", "ray",
                                 "--output-format", "parquet"]) == 2
     assert "Parquet output needs Parquet input" in capsys.readouterr().err

@@ -358,7 +358,8 @@ def run_fold(fold, records, args, config, model_spec):
         result["build_threads"] = manifest.get("teacher", {}).get("torch_threads")
     else:
         started = time.perf_counter()
-        name = f"teacher-{fold}-taxonomy" if args.taxonomy else f"teacher-{fold}"
+        # The seed is in the name, as for the category folds: runs of two seeds may share --work.
+        name = f"teacher-{fold}{'-taxonomy' if args.taxonomy else ''}-{config.seed}"
         trained = train_teacher(model_spec, bh, bb, Path(args.work) / name, config, model=model,
                                 tokenizer=tokenizer, progress=True)
         result["build_seconds"] = round(time.perf_counter() - started, 1)

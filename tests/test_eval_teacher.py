@@ -41,7 +41,7 @@ def fold_run(eval_teacher, tiny_model_dir, tmp_path_factory):
         assert eval_teacher.main(["--model", str(tiny_model_dir), "--quick", "--folds", "no_matched", "--threads", "1",
                                   "--set", "layer=2", "--set", "max_steps=2", "--work", str(tmp / "work"),
                                   "--json", str(out)]) == 0
-        yield json.loads(out.read_text()), tmp / "work" / "teacher-no_matched"
+        yield json.loads(out.read_text()), tmp / "work" / "teacher-no_matched-0"
     finally:
         patch.undo()
 

@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import types
 import typing
-from typing import Any, Sequence, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 Config = TypeVar("Config")
 
@@ -68,8 +68,14 @@ def text_parser(annotation: Any) -> Any:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, *,
-                         skip: Sequence[str] = ()) -> None:
-    """Add one option per field of ``config_class`` (except ``skip``) to ``parser``."""
+                         skip: Sequence[str] = (), caller_defaults: Mapping[str, str] | None = None) -> None:
+    """Add one option per field of ``config_class`` (except ``skip``) to ``parser``.
+
+    ``caller_defaults`` maps field names to a note on their default, which the caller fills in: those
+    options default to None (so a value given can be told from one not given) and their help ends
+    with ``(NOTE)``.
+    """
+    caller_defaults = caller_defaults or {}
     hints = typing.get_type_hints(config_class)
     for field in dataclasses.fields(config_class):
         if field.name in skip or not field.init:
@@ -90,7 +96,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, *,
                 kwargs["choices"] = list(meta["choices"])
             if meta.get("metavar"):
                 kwargs["metavar"] = meta["metavar"]
-        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+        if field.name in caller_defaults:
+            kwargs.update(default=None, help=f"{kwargs['help']} ({caller_defaults[field.name]})")
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             kwargs["required"] = True
         else:
             kwargs["default"] = field.default if field.default is not dataclasses.MISSING else field.default_factory()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 
@@ -142,12 +141,8 @@ def add_teacher_cli(subparsers) -> None:
                    help="build on every hazard category: the default sets plus the red-team objectives, the "
                         "project's per-category requests and jailbreak framings, with a rank-16 adapter (about 1.8x "
                         "the default build's time: 18 minutes on 2 idle CPU cores; docs/teacher_quality.md)")
-    add_config_arguments(p, TeacherConfig, skip=tuple(TAXONOMY_DEFAULTS))
-    # The options whose default --taxonomy changes default to None, so a value given wins either way.
-    help_of = {field.name: field.metadata["help"] for field in dataclasses.fields(TeacherConfig)}
-    for name, taxonomy_value in TAXONOMY_DEFAULTS.items():
-        default = getattr(TeacherConfig, name)
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=type(default), default=None,
-                       help=f"{help_of[name]} (default: {default}; {taxonomy_value} with --taxonomy)")
+    # The options whose default --taxonomy changes are filled in by config_from_args: a value given wins either way.
+    add_config_arguments(p, TeacherConfig, caller_defaults={
+        name: f"default: {getattr(TeacherConfig, name)}; {value} with --taxonomy" for name, value in TAXONOMY_DEFAULTS.items()})
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_teacher)
